@@ -36,7 +36,7 @@ def prunable_names(model: nn.Module, *, include_bias: bool = False, include_norm
     and the affine parameters of BatchNorm/InstanceNorm/GroupNorm/LayerNorm when ``include_norm``.
     ``include_first`` / ``include_last`` keep or drop the whole first / last Conv or Linear layer
     in module registration order (which is usually, not necessarily, execution order). Any other
-    parameter (embeddings, free ``nn.Parameter``\ s) is never returned.
+    parameter (embeddings, free ``nn.Parameter`` objects) is never returned.
     """
     layers = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, _WEIGHT_TYPES)]
     skip = set()
