@@ -1,0 +1,1 @@
+"""The ClientApp: handlers for the describe, train and evaluate phases."""

@@ -1,0 +1,1 @@
+"""The ServerApp: experiment -> model, data, strategy -> rounds -> results on disk."""

@@ -1,0 +1,50 @@
+"""fedprune ServerApp: experiment -> model, test data, strategy -> rounds -> results on disk.
+
+Run config (pyproject [tool.flwr.app.config]): ``experiment`` (a YAML file, relative to the app),
+``num-server-rounds`` and ``seed`` (0 / -1: the experiment's), ``overrides`` ("key=value ..."),
+``run-name`` (default ``<name>-s<seed>-<time>``), ``output-dir`` (default ``outputs`` in the
+working directory of the process that runs the ServerApp; give an absolute path to be sure).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedprune.experiment import experiment_from_run_config
+from fedprune.task import new_model, test_data
+from fedprune.training import evaluate
+from server_app.results import RunWriter
+from strategies import build_strategy
+
+app = ServerApp()
+
+
+def run_directory(run_config, name: str, seed: int) -> Path:
+    base = Path(str(run_config.get("output-dir", "")) or "outputs").expanduser().resolve()
+    run_name = str(run_config.get("run-name", "")) or f"{name}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return base / run_name
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    experiment = experiment_from_run_config(context.run_config)
+    writer = RunWriter(run_directory(context.run_config, experiment.name, experiment.seed), experiment)
+    test_x, test_y = test_data(experiment.dataset.name, experiment.dataset.root)
+    model = new_model(experiment)
+    scratch = new_model(experiment)
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        scratch.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(scratch, test_x, test_y, experiment.evaluation.batch_size)
+        return MetricRecord({"test_accuracy": acc, "test_loss": loss})
+
+    strategy = build_strategy(experiment)
+    result = strategy.start(grid, ArrayRecord(model.state_dict()), experiment.num_server_rounds,
+                            evaluate_fn=central_evaluation, on_round=writer.record_round)
+    final = {k: torch.from_numpy(v.numpy().copy()) for k, v in result.arrays.items()}
+    writer.finish(final)

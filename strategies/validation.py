@@ -1,0 +1,52 @@
+"""Checks a client reply must pass before the server uses it.
+
+A reply that fails is dropped and logged with the node id and the reason; it never raises and
+never touches the global model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Message
+
+MAX_NUM_EXAMPLES = 10**9
+
+
+class InvalidReply(ValueError):
+    """Why a reply was rejected."""
+
+
+def check_num_examples(msg: Message, upper: int | None = None) -> int:
+    """The reply's ``metrics["num-examples"]``: an integer in 1..upper."""
+    metrics = msg.content.metric_records.get("metrics")
+    if metrics is None or "num-examples" not in metrics:
+        raise InvalidReply("no metrics['num-examples']")
+    n = metrics["num-examples"]
+    limit = upper if upper is not None else MAX_NUM_EXAMPLES
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise InvalidReply(f"num-examples {n!r} is not an integer in 1..{limit}")
+    return n
+
+
+def check_arrays(msg: Message, reference: Mapping[str, np.ndarray], key: str = "arrays") -> dict[str, np.ndarray]:
+    """The reply's arrays as numpy, with exactly the reference's keys, shapes, dtypes, all finite."""
+    record = msg.content.array_records.get(key)
+    if record is None:
+        raise InvalidReply(f"no ArrayRecord {key!r}")
+    missing, extra = set(reference) - set(record), set(record) - set(reference)
+    if missing or extra:
+        raise InvalidReply(f"keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    out = {}
+    for name, ref in reference.items():
+        try:
+            arr = record[name].numpy()
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a bad reply
+            raise InvalidReply(f"{name}: cannot decode ({exc})") from exc
+        if arr.shape != ref.shape or arr.dtype != ref.dtype:
+            raise InvalidReply(f"{name}: {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise InvalidReply(f"{name}: non-finite values")
+        out[name] = arr
+    return out
