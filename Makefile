@@ -38,8 +38,11 @@ demo: venv data
 test: venv data
 	$(PY) -m pytest -q
 
+# Reruns the benchmarks (about 30 minutes on 2 cores) and regenerates the README tables.
 bench: venv data
-	@echo "no benchmark yet"
+	$(PY) benchmarks/codec_bits.py
+	$(PY) -m benchmarks.baselines
+	$(PY) -m benchmarks.report
 
 # Stop a managed local SuperLink left running by `python -m fedprune.simulate --keep-superlink`.
 stop:

@@ -37,7 +37,8 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 MODELS = ("cnn", "cnn-bn", "resnet20", "resnet32", "vgg11-bn")
 SCHEMES = ("iid", "dirichlet", "pathological")
-METHODS = ("fedavg",)
+METHODS = ("fedavg", "random", "magnitude", "snip", "synflow", "gradual-magnitude")
+ALLOCATIONS = ("global", "uniform", "erk")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,37 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class PruningConfig:
+    """How a pruning method cuts the model (ignored by dense FedAvg)."""
+
+    density: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True)
+    """Target share of prunable weights kept."""
+    allocation: str = _opt("global", choices=ALLOCATIONS)
+    """global: one top-k over all layers' scores; uniform: every layer at the density; erk:
+    Erdos-Renyi-Kernel per-layer densities (Evci et al. 2020)."""
+    include_bias: bool = _opt(False)
+    include_norm: bool = _opt(False)
+    include_first: bool = _opt(True)
+    include_last: bool = _opt(True)
+    warmup_rounds: int = _opt(2, lo=0)
+    """magnitude: dense rounds before the one-shot cut."""
+    score_batches: int = _opt(4, lo=1)
+    """snip: local batches (of client.batch_size) each client scores on."""
+    start_round: int = _opt(1, lo=1)
+    """gradual-magnitude: first pruning step (after that round's aggregation)."""
+    end_round: int = _opt(5, lo=1)
+    """gradual-magnitude: last pruning step, where the target density is reached."""
+    prune_every: int = _opt(1, lo=1)
+    """gradual-magnitude: rounds between pruning steps."""
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    value_dtype: str = _opt("float32", choices=("float32", "float16"))
+    """Precision of weights on the wire (both directions); float16 is lossy."""
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     batch_size: int = _opt(1000, lo=1)
 
@@ -103,6 +135,8 @@ class Experiment:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,13 +232,24 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     experiment = _build(Experiment, data, "")
+    _check_across_keys(experiment)
+    return experiment
+
+
+def _check_across_keys(experiment: Experiment) -> None:
+    p = experiment.pruning
+    if p.start_round > p.end_round:
+        raise ExperimentError(f"pruning.start_round: got {p.start_round}; allowed: <= pruning.end_round "
+                              f"({p.end_round})")
+    if experiment.method != "fedavg" and p.density == 1.0:
+        raise ExperimentError(f"pruning.density: got 1.0 with method {experiment.method!r}; allowed: "
+                              "0 < density < 1 (use method fedavg for a dense model)")
     if experiment.sampling.fraction_evaluate > 0 and experiment.partition.val_fraction == 0:
         raise ExperimentError(
             "partition.val_fraction: got 0.0 while sampling.fraction_evaluate is "
             f"{experiment.sampling.fraction_evaluate}; client-side evaluation needs a validation "
             "split (val_fraction > 0), or turn it off with sampling.fraction_evaluate: 0"
         )
-    return experiment
 
 
 def experiment_from_run_config(run_config: Mapping[str, Any]) -> Experiment:

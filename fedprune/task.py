@@ -12,6 +12,7 @@ from fedprune.experiment import DatasetConfig, Experiment, PartitionConfig
 from fedprune.models import build_model
 from fedprune.partition import client_indices
 from fedprune.seeding import derive_seed
+from pruning.masks import prunable_names
 
 
 def new_model(experiment: Experiment) -> nn.Module:
@@ -37,3 +38,10 @@ def client_data(dataset: DatasetConfig, partition: PartitionConfig, partition_id
     tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return (normalize(splits.train_x[tr], splits.spec), splits.train_y[tr],
             normalize(splits.train_x[va], splits.spec), splits.train_y[va])
+
+
+def maskable_names(experiment: Experiment, model: nn.Module) -> list[str]:
+    """The parameters a pruning method may mask, by the experiment's rules (pruning.include_*)."""
+    p = experiment.pruning
+    return prunable_names(model, include_bias=p.include_bias, include_norm=p.include_norm,
+                          include_first=p.include_first, include_last=p.include_last)

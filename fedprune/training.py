@@ -22,10 +22,11 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientConfig,
-          generator: torch.Generator, after_step=None) -> float:
+          generator: torch.Generator, after_backward=None, after_step=None) -> float:
     """``cfg.local_epochs`` epochs of minibatch training; returns the mean training loss.
 
-    ``after_step(model)`` runs after every optimizer step (e.g. to re-apply a mask).
+    ``after_backward(model)`` runs between backward and the optimizer step (e.g. to mask
+    gradients), ``after_step(model)`` after every step (e.g. to re-apply a mask).
     """
     model.train()
     optimizer = make_optimizer(model, cfg)
@@ -36,6 +37,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ClientConfig,
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
+            if after_backward is not None:
+                after_backward(model)
             optimizer.step()
             if after_step is not None:
                 after_step(model)

@@ -56,6 +56,7 @@ __all__ = [
     "ENCODINGS",
     "HEADER_BASE_BYTES",
     "decode",
+    "decode_with_mask",
     "decode_tensors",
     "encode",
     "encode_tensors",
@@ -351,6 +352,22 @@ def decode(blob, mask=None, *, shape: tuple[int, ...] | None = None) -> torch.Te
     Raises :class:`CodecError` on any inconsistency. There is no checksum: a flipped bit inside the
     values goes unnoticed (transport integrity is the transport's job).
     """
+    return _decode(blob, mask, shape)[0]
+
+
+def decode_with_mask(blob, mask=None, *, shape: tuple[int, ...] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`decode`, plus the mask the blob carries: its kept positions for ``bitmask`` and
+    ``rice``, ``mask`` itself for ``values``, ``None`` for ``dense`` (which carries no mask)."""
+    out, positions = _decode(blob, mask, shape)
+    if positions is None:
+        return out, None
+    carried = torch.zeros(out.numel(), dtype=torch.bool)
+    carried[positions] = True
+    return out, carried.reshape(out.shape)
+
+
+def _decode(blob, mask, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(blob, np.ndarray):
         if blob.dtype != np.uint8 or blob.ndim != 1:
             raise CodecError(f"blob array must be 1-D uint8, got {blob.dtype} with ndim {blob.ndim}")
@@ -407,7 +424,7 @@ def decode(blob, mask=None, *, shape: tuple[int, ...] | None = None) -> torch.Te
         out = _read_values(payload, numel, wire).to(dtype)
         if flat_mask is not None:
             out = out.masked_fill(~flat_mask, 0)
-        return out.reshape(shape)
+        return out.reshape(shape), None
     if encoding == "values":
         if flat_mask is None:
             raise CodecError("the 'values' encoding needs the receiver's mask to decode")
@@ -438,7 +455,7 @@ def decode(blob, mask=None, *, shape: tuple[int, ...] | None = None) -> torch.Te
                 raise CodecError("the given mask differs from the mask carried in the blob")
     out = torch.zeros(numel, dtype=dtype)
     out[positions] = _read_values(payload, nnz, wire).to(dtype)
-    return out.reshape(shape)
+    return out.reshape(shape), positions
 
 
 # ---------------------------------------------------------------------------------------------

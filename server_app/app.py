@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedprune.experiment import experiment_from_run_config
+from fedprune.experiment import Experiment, experiment_from_run_config
 from fedprune.task import new_model, test_data
 from fedprune.training import evaluate
 from server_app.results import RunWriter
@@ -34,6 +35,11 @@ def run_directory(run_config, name: str, seed: int) -> Path:
 def main(grid: Grid, context: Context) -> None:
     experiment = experiment_from_run_config(context.run_config)
     writer = RunWriter(run_directory(context.run_config, experiment.name, experiment.seed), experiment)
+    run_experiment(grid, experiment, writer)
+
+
+def run_experiment(grid: Grid, experiment: Experiment, writer: RunWriter) -> dict:
+    """Train ``experiment`` over ``grid``, writing every round; returns the run's summary."""
     test_x, test_y = test_data(experiment.dataset.name, experiment.dataset.root)
     model = new_model(experiment)
     scratch = new_model(experiment)
@@ -44,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"test_accuracy": acc, "test_loss": loss})
 
     strategy = build_strategy(experiment)
-    result = strategy.start(grid, ArrayRecord(model.state_dict()), experiment.num_server_rounds,
-                            evaluate_fn=central_evaluation, on_round=writer.record_round)
-    final = {k: torch.from_numpy(v.numpy().copy()) for k, v in result.arrays.items()}
-    writer.finish(final)
+    strategy.start(grid, ArrayRecord(model.state_dict()), experiment.num_server_rounds,
+                   evaluate_fn=central_evaluation, on_round=writer.record_round)
+    final = {k: torch.from_numpy(np.array(v)) for k, v in strategy.global_arrays.items()}
+    return writer.finish(final)

@@ -17,7 +17,8 @@ from flwr.common.logger import log
 
 from fedprune.experiment import Experiment
 
-SUMMED = ("bytes_down", "bytes_up", "eval_bytes_down", "eval_bytes_up", "rejected_replies", "failed_replies")
+SUMMED = ("bytes_down", "bytes_up", "eval_bytes_down", "eval_bytes_up", "rejected_replies", "failed_replies",
+          "train_flops")
 
 
 def _mb(n: float) -> str:
@@ -42,10 +43,10 @@ class RunWriter:
         self.records.append(record)
         with self.rounds_file.open("a") as fh:
             fh.write(json.dumps(record, sort_keys=False) + "\n")
-        log(INFO, "round %d/%d  test acc %.4f  loss %.4f  down %s  up %s  elapsed %.1f s",
+        log(INFO, "round %d/%d  test acc %.4f  loss %.4f  density %.3f  down %s  up %s  elapsed %.1f s",
             record["round"], self.experiment.num_server_rounds, record.get("test_accuracy", math.nan),
-            record.get("test_loss", math.nan), _mb(record["bytes_down"]), _mb(record["bytes_up"]),
-            record["wall_seconds"])
+            record.get("test_loss", math.nan), record.get("density", 1.0), _mb(record["bytes_down"]),
+            _mb(record["bytes_up"]), record["wall_seconds"])
 
     def finish(self, final_state: dict[str, torch.Tensor] | None = None) -> dict:
         last = self.records[-1]
@@ -55,6 +56,8 @@ class RunWriter:
             "final_test_accuracy": last.get("test_accuracy"), "final_test_loss": last.get("test_loss"),
             "best_test_accuracy": max(r.get("test_accuracy", -1.0) for r in self.records),
             **{f"total_{k}": sum(int(r.get(k, 0)) for r in self.records) for k in SUMMED},
+            "final_density": last.get("density", 1.0),
+            "max_client_peak_memory": max((r.get("train_peak_memory", 0) for r in self.records), default=0),
             "wall_seconds": last["wall_seconds"],
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Weighted averaging of client arrays that keeps each array's dtype."""
+"""Mask-aware weighted averaging that keeps each array's dtype."""
 
 from __future__ import annotations
 
@@ -7,21 +7,34 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def weighted_average(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
-    """Per key, sum_k w_k a_k / sum_k w_k, accumulated in float64 in the given order.
+def masked_average(arrays: Sequence[Mapping[str, np.ndarray]], coverage: Sequence[Mapping[str, np.ndarray]],
+                   weights: Sequence[float], previous: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Average every coordinate over the clients that kept it.
 
-    Integer arrays (e.g. BatchNorm's ``num_batches_tracked``) are rounded back to their dtype.
+    ``arrays[k]`` holds client k's tensors (a client may send only some names); ``coverage[k]``
+    maps a name to the bool mask of coordinates client k kept (a name without a mask counts as
+    fully kept). Per coordinate: ``sum_k w_k c_k a_k / sum_k w_k c_k``, accumulated in float64 in
+    the given order; a coordinate nobody kept keeps its ``previous`` value. Integer arrays (e.g.
+    BatchNorm's ``num_batches_tracked``) are rounded back to their dtype.
     """
-    if not arrays or len(arrays) != len(weights):
-        raise ValueError(f"weighted_average: {len(arrays)} arrays for {len(weights)} weights")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weighted_average: weights must sum to > 0, got {total}")
+    if len(arrays) != len(coverage) or len(arrays) != len(weights):
+        raise ValueError(f"masked_average: {len(arrays)} arrays, {len(coverage)} coverages, {len(weights)} weights")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"masked_average: weights must be > 0, got {list(weights)}")
     out = {}
-    for key, first in arrays[0].items():
-        acc = np.zeros(first.shape, dtype=np.float64)
-        for arr, w in zip(arrays, weights):
-            acc += float(w) * arr[key]
-        acc /= total
-        out[key] = acc.astype(first.dtype) if np.issubdtype(first.dtype, np.floating) else np.rint(acc).astype(first.dtype)
+    for name, prev in previous.items():
+        num = np.zeros(prev.shape, dtype=np.float64)
+        den = np.zeros(prev.shape, dtype=np.float64)
+        for client, cover, w in zip(arrays, coverage, weights):
+            if name not in client:
+                continue
+            kept = cover.get(name)
+            if kept is None:
+                num += float(w) * client[name]
+                den += float(w)
+            else:
+                num += float(w) * np.where(kept, client[name], 0.0)
+                den += float(w) * kept
+        avg = np.where(den > 0, num / np.where(den > 0, den, 1.0), prev)
+        out[name] = avg.astype(prev.dtype) if np.issubdtype(prev.dtype, np.floating) else np.rint(avg).astype(prev.dtype)
     return out

@@ -1,6 +1,13 @@
-"""The base strategy: Flower's FedAvg made reproducible and accountable.
+"""The base strategy: Flower's FedAvg made sparse-aware, reproducible and accountable.
 
 What it adds to :class:`flwr.serverapp.strategy.FedAvg`:
+
+* a global mask (``None`` while dense): weights travel through the pruning codec
+  (strategies/transport.py) as kept values only to nodes that hold the current mask, with the
+  mask to those that do not; per-node payloads;
+* mask-aware averaging: every coordinate over the clients that kept it; coordinates nobody sent
+  keep their value; then the method's server-side hook (:meth:`after_aggregate`);
+* a preparation phase before round 1 (:meth:`prepare`, e.g. SNIP's scoring round);
 
 * node discovery: before a node is first sampled it is asked (message ``query.describe``) for its
   ``partition-id`` and data sizes, so sampling and aggregation order depend on partitions, not on
@@ -28,8 +35,10 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedprune.experiment import SamplingConfig
 from fedprune.seeding import numpy_rng
-from strategies.aggregation import weighted_average
+from pruning.codec import CodecError
+from strategies.aggregation import masked_average
 from strategies.ledger import MeteredGrid
+from strategies.transport import pack, unpack
 from strategies.validation import InvalidReply, check_arrays, check_num_examples
 
 DESCRIBE = "query.describe"
@@ -54,9 +63,16 @@ def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 class FedPruneStrategy(FedAvg):
-    """Dense FedAvg with deterministic sampling, validated replies and a byte ledger."""
+    """FedAvg with a global mask, deterministic sampling, validated replies and a byte ledger.
 
-    def __init__(self, *, seed: int, sampling: SamplingConfig, describe_timeout: float = 600.0) -> None:
+    Without a mask (``self.masks is None``) it is dense FedAvg. Methods subclass it and add only
+    what the method adds: :meth:`prepare` before round 1, :meth:`after_aggregate` after each
+    aggregation, :meth:`node_config` for per-node knobs.
+    """
+
+    def __init__(self, *, seed: int, sampling: SamplingConfig, maskable: Iterable[str] = (),
+                 value_dtype: str = "float32", weighted: bool = True,
+                 describe_timeout: float = 600.0) -> None:
         super().__init__(
             fraction_train=sampling.fraction_train,
             fraction_evaluate=sampling.fraction_evaluate,
@@ -66,9 +82,44 @@ class FedPruneStrategy(FedAvg):
         )
         self.seed = seed
         self.describe_timeout = describe_timeout
+        self.maskable = frozenset(maskable)
+        self.value_dtype = value_dtype
+        self.weighted = weighted
         self.nodes: dict[int, NodeInfo] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[str, float] = {}
+        self.masks: dict[str, np.ndarray] | None = None
+        self.mask_version = 0
+        self.node_mask_version: dict[int, int] = {}
+        self._payloads: dict[bool, ArrayRecord] = {}
+
+    # ------------------------------------------------------------------ the mask
+
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
+        """Install a new global mask (bool arrays over maskable names) and zero the pruned weights."""
+        unknown = set(masks) - self.maskable
+        if unknown:
+            raise ValueError(f"masks for parameters that are not maskable: {sorted(unknown)[:3]}")
+        self.masks = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
+        self.mask_version += 1
+        for name, mask in self.masks.items():
+            self.global_arrays[name] = np.where(mask, self.global_arrays[name], 0).astype(
+                self.global_arrays[name].dtype)
+        self.round_stats["mask_changed"] = 1
+
+    def density(self) -> float:
+        """Kept share of the maskable parameters (1.0 while dense)."""
+        if not self.masks:
+            return 1.0
+        return sum(int(m.sum()) for m in self.masks.values()) / sum(m.size for m in self.masks.values())
+
+    def payload(self, node_id: int) -> tuple[ArrayRecord, bool]:
+        """The encoded global weights for a node, and whether they carry the mask."""
+        has_mask = self.masks is not None and self.node_mask_version.get(node_id) == self.mask_version
+        if has_mask not in self._payloads:
+            self._payloads[has_mask] = pack(self.global_arrays, self.masks, receiver_has_mask=has_mask,
+                                            value_dtype=self.value_dtype)
+        return self._payloads[has_mask], self.masks is not None and not has_mask
 
     # ------------------------------------------------------------------ discovery and sampling
 
@@ -110,22 +161,31 @@ class FedPruneStrategy(FedAvg):
 
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """The config one node gets; methods add their knobs here."""
-        return ConfigRecord({**dict(config), "server-round": server_round})
+        return ConfigRecord({**dict(config), "server-round": server_round, "mask-version": self.mask_version,
+                             "value-dtype": self.value_dtype})
+
+    def instructions(self, server_round: int, nodes: list[int], config: ConfigRecord,
+                     message_type: str) -> list[Message]:
+        """One message per node: its encoded weights (+ mask when it lacks it) and its config."""
+        msgs = []
+        for node in nodes:
+            arrays, mask_sent = self.payload(node)
+            cfg = self.node_config(server_round, node, config)
+            cfg["mask-sent"] = mask_sent
+            msgs.append(Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=node,
+                                message_type=message_type))
+        return msgs
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.global_arrays = arrays_to_numpy(arrays)
         nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, "sample-train")
-        return [Message(RecordDict({"arrays": arrays, "config": self.node_config(server_round, n, config)}),
-                        dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+        return self.instructions(server_round, nodes, config, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         nodes = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes,
                             "sample-evaluate")
-        cfg = ConfigRecord({**dict(config), "server-round": server_round})
-        return [Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=n,
-                        message_type=MessageType.EVALUATE) for n in nodes]
+        return self.instructions(server_round, nodes, config, MessageType.EVALUATE)
 
     def accept(self, replies: Iterable[Message], check: Callable[[Message], object]) -> list[tuple[Message, object]]:
         """Replies that pass ``check`` (with its result), sorted by partition id; the rest are logged."""
@@ -138,7 +198,7 @@ class FedPruneStrategy(FedAvg):
                 continue
             try:
                 good.append((msg, check(msg)))
-            except InvalidReply as exc:
+            except (InvalidReply, CodecError) as exc:
                 rejected += 1
                 log(WARNING, "Rejected the reply of node %d: %s", node, exc)
         self.round_stats["failed_replies"] = self.round_stats.get("failed_replies", 0) + failed
@@ -152,34 +212,81 @@ class FedPruneStrategy(FedAvg):
 
     # ------------------------------------------------------------------ aggregation
 
-    def check_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], int]:
+    def check_mask_version(self, msg: Message) -> None:
+        """A reply must come from training under the current mask (a missing version means 0: dense)."""
+        metrics = msg.content.metric_records.get("metrics")
+        version = metrics.get("mask-version", 0) if metrics is not None else None
+        if version != self.mask_version:
+            raise InvalidReply(f"trained under mask version {version!r}, current is {self.mask_version}")
+
+    def check_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+        """(arrays, coverage masks, num-examples) of a valid reply; raises InvalidReply otherwise.
+
+        Values-only blobs decode under the global mask; a blob that carries its own mask must
+        carry exactly the global one (the codec checks), so pruned weights stay pruned.
+        """
         n = check_num_examples(msg, self.num_examples_bound(msg))
-        return check_arrays(msg, self.global_arrays), n
+        self.check_mask_version(msg)
+        record = msg.content.array_records.get("arrays")
+        if record is None:
+            raise InvalidReply("no ArrayRecord 'arrays'")
+        decoded, _ = unpack(record, self.masks, {k: v.shape for k, v in self.global_arrays.items()
+                                                 if k in record})
+        arrays = check_arrays(decoded, self.global_arrays)
+        return arrays, dict(self.masks or {}), n
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accept(replies, self.check_train_reply)
         if not accepted:
             return None, None
-        arrays = [a for _, (a, _) in accepted]
-        weights = [n for _, (_, n) in accepted]
-        new = weighted_average(arrays, weights)
-        return numpy_to_arrays(new), self.mean_metrics([m for m, _ in accepted], weights)
+        for msg, _ in accepted:
+            self.node_mask_version[msg.metadata.src_node_id] = self.mask_version
+        weights = [n if self.weighted else 1 for _, (_, _, n) in accepted]
+        self.global_arrays = masked_average([a for _, (a, _, _) in accepted], [c for _, (_, c, _) in accepted],
+                                            weights, self.global_arrays)
+        self.after_aggregate(server_round)
+        self._payloads.clear()
+        metrics = self.mean_metrics([m for m, _ in accepted], [n for _, (_, _, n) in accepted])
+        return numpy_to_arrays(self.global_arrays), metrics
+
+    def after_aggregate(self, server_round: int) -> None:
+        """Server-side pruning / regrowth on ``self.global_arrays`` (none for dense FedAvg)."""
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        accepted = self.accept(replies, lambda m: check_num_examples(m, None))
+        def check(msg: Message) -> int:
+            self.check_mask_version(msg)
+            return check_num_examples(msg, None)
+
+        accepted = self.accept(replies, check)
         if not accepted:
             return None
+        for msg, _ in accepted:
+            self.node_mask_version[msg.metadata.src_node_id] = self.mask_version
         return self.mean_metrics([m for m, _ in accepted], [n for _, n in accepted])
 
-    @staticmethod
-    def mean_metrics(replies: list[Message], weights: list[int]) -> MetricRecord:
-        """Example-weighted mean of every scalar metric the replies share, plus ``num-nodes``."""
+    SUMMED_METRICS = ("flops",)
+    MAXED_METRICS = ("peak-memory",)
+    SKIPPED_METRICS = ("num-examples", "partition-id", "mask-version")
+
+    @classmethod
+    def mean_metrics(cls, replies: list[Message], weights: list[int]) -> MetricRecord:
+        """Example-weighted mean of the scalar metrics the replies share; costs summed (``flops``)
+        or maxed (``peak-memory``) over clients; plus ``num-examples`` and ``num-nodes``."""
         records = [m.content["metrics"] for m in replies]
-        keys = set.intersection(*(set(r) for r in records)) - {"num-examples", "partition-id"}
+        keys = set.intersection(*(set(r) for r in records)) - set(cls.SKIPPED_METRICS)
         total = float(sum(weights))
-        out = {k: sum(float(r[k]) * w for r, w in zip(records, weights)) / total
-               for k in sorted(keys) if all(isinstance(r[k], (int, float)) for r in records)}
+        out = {}
+        for k in sorted(keys):
+            values = [r[k] for r in records]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                continue
+            if k in cls.SUMMED_METRICS:
+                out[k] = float(sum(values))
+            elif k in cls.MAXED_METRICS:
+                out[k] = float(max(values))
+            else:
+                out[k] = sum(float(v) * w for v, w in zip(values, weights)) / total
         out["num-examples"] = int(total)
         out["num-nodes"] = len(records)
         return MetricRecord(out)
@@ -199,7 +306,10 @@ class FedPruneStrategy(FedAvg):
         metered = MeteredGrid(grid)
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
-        result, arrays, t0 = Result(), initial_arrays, time.monotonic()
+        result, t0 = Result(), time.monotonic()
+        self.global_arrays = arrays_to_numpy(initial_arrays)
+        self.prepare(metered)
+        arrays = numpy_to_arrays(self.global_arrays)
 
         def finish(server_round: int, train_m, eval_m, t_round: float) -> None:
             central = evaluate_fn(server_round, arrays) if evaluate_fn else None
@@ -213,7 +323,9 @@ class FedPruneStrategy(FedAvg):
                           eval_bytes_down=traffic["eval_bytes_down"], eval_bytes_up=traffic["eval_bytes_up"],
                           rejected_replies=int(self.round_stats.get("rejected_replies", 0)),
                           failed_replies=int(self.round_stats.get("failed_replies", 0)),
-                          round_seconds=time.monotonic() - t_round, wall_seconds=time.monotonic() - t0)
+                          round_seconds=time.monotonic() - t_round, wall_seconds=time.monotonic() - t0,
+                          density=self.density(), mask_version=self.mask_version,
+                          mask_changed=int(self.round_stats.get("mask_changed", 0)))
             record.update(self.extra_round_record())
             self.round_stats = {}
             if on_round is not None:
@@ -237,6 +349,10 @@ class FedPruneStrategy(FedAvg):
             finish(server_round, train_m, eval_m, t_round)
         result.arrays = arrays
         return result
+
+    def prepare(self, grid: Grid) -> None:
+        """Work before round 1 on ``self.global_arrays`` (a scoring round, a data-free mask...);
+        its traffic is recorded in round 0."""
 
     def extra_round_record(self) -> dict:
         """Method-specific fields of a round's record (e.g. density); none for dense FedAvg."""

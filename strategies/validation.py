@@ -30,20 +30,16 @@ def check_num_examples(msg: Message, upper: int | None = None) -> int:
     return n
 
 
-def check_arrays(msg: Message, reference: Mapping[str, np.ndarray], key: str = "arrays") -> dict[str, np.ndarray]:
-    """The reply's arrays as numpy, with exactly the reference's keys, shapes, dtypes, all finite."""
-    record = msg.content.array_records.get(key)
-    if record is None:
-        raise InvalidReply(f"no ArrayRecord {key!r}")
-    missing, extra = set(reference) - set(record), set(record) - set(reference)
-    if missing or extra:
+def check_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                 partial: bool = False) -> dict[str, np.ndarray]:
+    """Decoded arrays with the reference's keys (a subset when ``partial``), shapes and dtypes,
+    all finite."""
+    missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
+    if (missing and not partial) or extra:
         raise InvalidReply(f"keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
     out = {}
-    for name, ref in reference.items():
-        try:
-            arr = record[name].numpy()
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a bad reply
-            raise InvalidReply(f"{name}: cannot decode ({exc})") from exc
+    for name, arr in arrays.items():
+        ref = reference[name]
         if arr.shape != ref.shape or arr.dtype != ref.dtype:
             raise InvalidReply(f"{name}: {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from benchmarks.inprocess import make_context  # noqa: F401 - re-exported for the tests
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
@@ -76,7 +77,3 @@ def _task_identity():
     yield
 
 
-def make_context(run_config: dict, partition_id: int, num_partitions: int, node_id: int | None = None) -> Context:
-    return Context(run_id=1, node_id=node_id if node_id is not None else 100 + partition_id,
-                   node_config={"partition-id": partition_id, "num-partitions": num_partitions},
-                   state=RecordDict(), run_config=dict(run_config))

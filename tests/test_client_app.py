@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from client_app.app import app as client_app
 from fedprune.experiment import experiment_from_run_config
 from fedprune.task import new_model
+from strategies.transport import unpack
 from tests.conftest import make_context
 
 
@@ -29,12 +30,12 @@ def test_train_returns_updated_weights_of_the_same_shape_and_is_repeatable(tiny_
     ctx = make_context(tiny_run_config, 0, 3)
     first, second = client_app(msg, ctx).content, client_app(msg, ctx).content
     before = {k: v.numpy() for k, v in model.state_dict().items()}
-    after = {k: v.numpy() for k, v in first["arrays"].items()}
+    after = unpack(first["arrays"])[0]
     assert after.keys() == before.keys()
     assert all(after[k].shape == before[k].shape and after[k].dtype == before[k].dtype for k in before)
     assert any(not np.array_equal(after[k], before[k]) for k in before)
-    for k, v in second["arrays"].items():
-        np.testing.assert_array_equal(v.numpy(), after[k])
+    for k, v in unpack(second["arrays"])[0].items():
+        np.testing.assert_array_equal(v, after[k])
     metrics = first["metrics"]
     assert metrics["num-examples"] == 180 and np.isfinite(metrics["loss"]) and metrics["partition-id"] == 0
 
@@ -43,7 +44,8 @@ def test_train_depends_on_round(tiny_run_config):
     ctx = make_context(tiny_run_config, 0, 3)
     a = client_app(instruction(tiny_run_config, MessageType.TRAIN, 1)[0], ctx).content["arrays"]
     b = client_app(instruction(tiny_run_config, MessageType.TRAIN, 2)[0], ctx).content["arrays"]
-    assert any(not np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    a, b = unpack(a)[0], unpack(b)[0]
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_evaluate_reports_loss_and_accuracy_on_the_validation_split(tiny_run_config):

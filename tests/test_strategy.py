@@ -11,7 +11,8 @@ from fedprune.task import new_model
 from strategies import build_strategy
 from strategies.base import FedPruneStrategy
 from strategies.ledger import content_bytes
-from tests.inprocess import InProcessGrid
+from strategies.transport import STYPE, unpack
+from benchmarks.inprocess import InProcessGrid
 
 
 def run(run_config, num_nodes=3, rounds=2, strategy=None, **grid_kw):
@@ -90,7 +91,7 @@ def _with(reply: Message, ins: Message, *, arrays=None, metrics=None, drop=()) -
 
 
 def _edit_arrays(reply, fn):
-    arrays = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+    arrays = {k: v.copy() for k, v in unpack(reply.content["arrays"])[0].items()}
     fn(arrays)
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
@@ -114,6 +115,10 @@ MALFORMED = {
     "undecodable array": lambda ins, r: _with(r, ins, arrays=ArrayRecord({
         **{k: v for k, v in r.content["arrays"].items() if k != "features.0.bias"},
         "features.0.bias": Array(dtype="float32", shape=(32,), stype="numpy.ndarray", data=b"junk")})),
+    "truncated codec blob": lambda ins, r: _with(r, ins, arrays=ArrayRecord({
+        **{k: v for k, v in r.content["arrays"].items() if k != "features.0.weight"},
+        "features.0.weight": Array(dtype="float32", shape=(32, 1, 3, 3), stype=STYPE,
+                                   data=r.content["arrays"]["features.0.weight"].data[:-5])})),
     "num-examples missing": lambda ins, r: _with(r, ins, metrics=_metrics(loss=0.1)),
     "num-examples zero": lambda ins, r: _with(r, ins, metrics=_metrics(**{"num-examples": 0})),
     "num-examples negative": lambda ins, r: _with(r, ins, metrics=_metrics(**{"num-examples": -5})),

@@ -1,0 +1,1 @@
+"""Benchmark scripts and the in-process federation they run on."""
