@@ -9,7 +9,10 @@ speed-up into these numbers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -231,6 +234,21 @@ def _peak_allocation(events) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Hide what native code writes to file descriptor 2 meanwhile: on CUDA builds of torch the
+    CPU profiler prints USDT and device-query lines there on every use."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def training_step_memory(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                          batch: tuple[torch.Tensor, torch.Tensor], *,
                          optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
@@ -262,7 +280,7 @@ def training_step_memory(model: nn.Module, loss_fn: Callable[[torch.Tensor, torc
             saved[storage.data_ptr()] = storage.nbytes()
         return t  # keep no reference, so the measurement sees the step's own lifetimes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn(net(x), y)
         loss.backward()

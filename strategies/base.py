@@ -102,6 +102,7 @@ class FedPruneStrategy(FedAvg):
             raise ValueError(f"masks for parameters that are not maskable: {sorted(unknown)[:3]}")
         self.masks = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
         self.mask_version += 1
+        self._payloads.clear()
         for name, mask in self.masks.items():
             self.global_arrays[name] = np.where(mask, self.global_arrays[name], 0).astype(
                 self.global_arrays[name].dtype)

@@ -32,6 +32,9 @@ def runs(tmp_path_factory, tiny_mnist):
         for name, seed in (("a", 5), ("b", 5), ("c", 6)):
             outcomes[name] = simulate({**base, "seed": seed, "run-name": name}, num_supernodes=3,
                                       flwr_home=home, keep_superlink=True, echo=False)
+        snip = {**base, "experiment": "configs/snip.yaml", "seed": 5, "run-name": "snip",
+                "overrides": base["overrides"] + " pruning.density=0.3"}
+        outcomes["snip"] = simulate(snip, num_supernodes=3, flwr_home=home, keep_superlink=True, echo=False)
     finally:
         stop_local_superlink(flower_env(home))
         mp.undo()
@@ -66,6 +69,17 @@ def test_same_seed_repeats_other_seed_differs(runs):
     loss = {n: [r["test_loss"] for r in rounds(out, n)] for n in "abc"}
     assert acc["a"] == acc["b"] and loss["a"] == loss["b"]
     assert loss["a"][1:] != loss["c"][1:]
+
+
+def test_a_pruning_method_keeps_its_mask_across_rounds_under_ray(runs):
+    outcomes, out = runs
+    assert outcomes["snip"].ok, outcomes["snip"].details
+    records = rounds(out, "snip")
+    assert all(abs(r["density"] - 0.3) < 1e-3 for r in records)
+    assert records[0]["bytes_up"] > 0  # the scoring round
+    # masks live in each node's context.state: in round 2 every node holds it and gets values only
+    assert records[2]["bytes_down"] < records[1]["bytes_down"]
+    assert all(r["rejected_replies"] == 0 and r["failed_replies"] == 0 for r in records)
 
 
 def test_a_failing_run_is_reported_as_failed(tmp_path, monkeypatch):
