@@ -59,7 +59,9 @@ def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make BatchNorm's
+    # num_batches_tracked shape (1,))
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
 
 
 class FedPruneStrategy(FedAvg):
