@@ -36,5 +36,7 @@ def masked_average(arrays: Sequence[Mapping[str, np.ndarray]], coverage: Sequenc
                 num += float(w) * np.where(kept, client[name], 0.0)
                 den += float(w) * kept
         avg = np.where(den > 0, num / np.where(den > 0, den, 1.0), prev)
-        out[name] = avg.astype(prev.dtype) if np.issubdtype(prev.dtype, np.floating) else np.rint(avg).astype(prev.dtype)
+        # np.asarray: np.rint of a 0-d array (num_batches_tracked) is a numpy scalar, not an array
+        out[name] = np.asarray(avg.astype(prev.dtype) if np.issubdtype(prev.dtype, np.floating)
+                               else np.rint(avg).astype(prev.dtype))
     return out

@@ -23,7 +23,8 @@ VALUE_DTYPES = ("float32", "float16")
 
 
 def _tensor(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x.detach().cpu()
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes num_batches_tracked shape (1,))
+    return torch.from_numpy(np.require(x, requirements="C")) if isinstance(x, np.ndarray) else x.detach().cpu()
 
 
 def pack(tensors: Mapping[str, object], masks: Mapping[str, object] | None = None, *,
