@@ -19,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.fedlp import ROUTINES as FEDLP_ROUTINES
 from fedprune.experiment import Experiment, experiment_from_run_config
 from fedprune.seeding import torch_generator
 from fedprune.task import client_data, maskable_names, new_model
@@ -29,6 +30,10 @@ from pruning.scores import snip_scores
 from strategies.transport import pack, unpack
 
 app = ClientApp()
+
+ROUTINES = {**FEDLP_ROUTINES}
+"""Method routines a message selects with ``config["routine"]``: name -> {"train" / "evaluate":
+fn(msg, context, local, training_costs)}; a kind a routine lacks falls back to the handler below."""
 
 MASK_KEY = "mask"
 MASK_META_KEY = "mask-meta"
@@ -88,15 +93,32 @@ def receive(msg: Message, context: Context, local: Local) -> tuple[torch.nn.Modu
     return model, None if masks is None else {k: torch.from_numpy(np.array(v)) for k, v in masks.items()}
 
 
+_FLOPS_CACHE: dict[tuple, float] = {}
+"""Training FLOPs per sample by (model, input shape, kept weights per layer): counting runs the
+model under torch's FlopCounterMode, which costs as much as a second of training; the count only
+depends on this key. A cache, not state: losing it costs time, never a result."""
+
+
 def training_costs(model: torch.nn.Module, masks, x: torch.Tensor, y: torch.Tensor, local: Local) -> dict:
     """Counted training FLOPs of this round's local work and the measured peak of one step."""
     c = local.experiment.client
-    per_sample = count_flops(model, x[:1], masks, training=True).effective
+    key = (local.experiment.model.name, tuple(x.shape[1:]),
+           tuple(sorted((k, int(m.sum())) for k, m in (masks or {}).items())))
+    if key not in _FLOPS_CACHE:
+        _FLOPS_CACHE[key] = count_flops(model, x[:1], masks, training=True).effective
+    per_sample = _FLOPS_CACHE[key]
     memory = training_step_memory(
         model, torch.nn.functional.cross_entropy, (x[: c.batch_size], y[: c.batch_size]), masks=masks,
         optimizer_factory=None if c.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=c.lr)),
     )
     return {"flops": float(per_sample * len(x) * c.local_epochs), "peak-memory": float(memory.peak)}
+
+
+def _routine(msg: Message, kind: str):
+    name = str(msg.content["config"].get("routine", ""))
+    if name and name not in ROUTINES:
+        raise ValueError(f"config['routine']: got {name!r}; allowed: {', '.join(ROUTINES)}")
+    return ROUTINES.get(name, {}).get(kind)
 
 
 @app.query("describe")
@@ -112,6 +134,8 @@ def describe(msg: Message, context: Context) -> Message:
 def train_handler(msg: Message, context: Context) -> Message:
     """Local (masked) training of the received model on this node's train split."""
     local = _local(context)
+    if (routine := _routine(msg, "train")) is not None:
+        return routine(msg, context, local, training_costs)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     x, y, _, _ = local.data()
@@ -135,6 +159,8 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received (masked) model on this node's validation split."""
     local = _local(context)
+    if (routine := _routine(msg, "evaluate")) is not None:
+        return routine(msg, context, local, training_costs)
     _, _, x, y = local.data()
     model, _ = receive(msg, context, local)
     loss, acc = evaluate(model, x, y, local.experiment.evaluation.batch_size)

@@ -35,9 +35,11 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
-MODELS = ("cnn", "cnn-bn", "resnet20", "resnet32", "vgg11-bn")
+MODELS = ("cnn", "cnn-bn", "resnet20", "resnet32", "vgg11-bn", "fedlp-cnn")
 SCHEMES = ("iid", "dirichlet", "pathological")
-METHODS = ("fedavg", "random", "magnitude", "snip", "synflow", "gradual-magnitude")
+METHODS = ("fedavg", "random", "magnitude", "snip", "synflow", "gradual-magnitude", "fedlp-homo", "fedlp-hetero")
+DENSE_METHODS = ("fedavg", "fedlp-homo", "fedlp-hetero")
+"""Methods that do not use a weight mask (pruning.density does not apply)."""
 ALLOCATIONS = ("global", "uniform", "erk")
 
 
@@ -114,6 +116,23 @@ class PruningConfig:
 
 
 @dataclass(frozen=True)
+class FedLPConfig:
+    """FedLP, layer-wise pruning (Zhu et al., ICC 2023; strategies/fedlp.py)."""
+
+    p: float = _opt(0.5, lo=0.0, hi=1.0, lo_open=True)
+    """fedlp-homo: layer-preserving rate, the probability that a client uploads a unit."""
+    unit: str = _opt("tensor", choices=("tensor", "module"))
+    """fedlp-homo: what one keep/drop decision covers: ``tensor`` (each state-dict entry, incl.
+    BatchNorm buffers, as the authors' code) or ``module`` (a layer with all its entries)."""
+    preferred_level: int | None = _opt(None, lo=1, hi=5, nullable=True)
+    """fedlp-hetero: the level 1..5 clients prefer (the paper's flag); null = uniform over levels."""
+    preference_weight: float = _opt(0.6, lo=0.0, hi=1.0)
+    """fedlp-hetero: P(level = preferred_level); the other levels share the rest equally."""
+    weighted: bool = _opt(True)
+    """Average weighted by examples (as our FedAvg); false = the authors' unweighted mean."""
+
+
+@dataclass(frozen=True)
 class TransportConfig:
     value_dtype: str = _opt("float32", choices=("float32", "float16"))
     """Precision of weights on the wire (both directions); float16 is lossy."""
@@ -137,6 +156,7 @@ class Experiment:
     client: ClientConfig = field(default_factory=ClientConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    fedlp: FedLPConfig = field(default_factory=FedLPConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,7 +261,10 @@ def _check_across_keys(experiment: Experiment) -> None:
     if p.start_round > p.end_round:
         raise ExperimentError(f"pruning.start_round: got {p.start_round}; allowed: <= pruning.end_round "
                               f"({p.end_round})")
-    if experiment.method != "fedavg" and p.density == 1.0:
+    if experiment.method == "fedlp-hetero" and experiment.model.name != "fedlp-cnn":
+        raise ExperimentError(f"model.name: got {experiment.model.name!r} with method fedlp-hetero; allowed: "
+                              "fedlp-cnn (the model whose depth levels FedLP-Hetero defines)")
+    if experiment.method not in DENSE_METHODS and p.density == 1.0:
         raise ExperimentError(f"pruning.density: got 1.0 with method {experiment.method!r}; allowed: "
                               "0 < density < 1 (use method fedavg for a dense model)")
     if experiment.sampling.fraction_evaluate > 0 and experiment.partition.val_fraction == 0:

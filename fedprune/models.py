@@ -7,6 +7,11 @@
 * ``vgg11-bn``: VGG-11 with BatchNorm (configuration A), global average pooling and one linear
   classifier, the usual CIFAR variant; a max-pool is skipped once the feature map is 1x1, so
   28x28 inputs work too.
+* ``fedlp-cnn``: FedLP's CIFAR CNN (Zhu et al. 2023, ``EnhancedCNNCifar`` in the authors' code):
+  six 3x3 conv layers of 32, 32, 64, 64, 128, 128 channels, each followed by ReLU and then
+  BatchNorm, a 2x2 max-pool after conv 2, 4 and 6, then FC 128 and the classifier (no ReLU between
+  the two FC layers, as in the authors' code); 551,466 parameters on 3x32x32 inputs (the flatten
+  size adapts to 28x28). :class:`FedLPCNN` also builds FedLP-Hetero's shallower sub-models.
 """
 
 from __future__ import annotations
@@ -106,6 +111,59 @@ class VGG11BN(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+FEDLP_CHANNELS = (32, 32, 64, 64, 128, 128)
+FEDLP_LEVELS = (1, 2, 3, 4, 5)
+PRIVATE_PREFIX = "private_"
+"""State-dict keys of a FedLP sub-model's private head start with this; they never leave a client."""
+
+
+class FedLPCNN(nn.Module):
+    """FedLP's CNN at a depth level (``CNNCifarComplexity`` in the authors' code).
+
+    Level ``c`` in 1..4 is the shared trunk ``conv1..conv{c+1}`` (+ their BatchNorm) followed by a
+    private head: a max-pool where the trunk ends between pools (levels 2 and 4), then FC 128 and
+    the classifier (``private_fc1``, ``private_fc2``). Level 5 is the full global model: all six
+    conv layers and the global head ``global_fc1``, ``global_fc2``, all shared. Shared keys are
+    named as in the level-5 model, so a sub-model's shared entries are a subset of the global
+    state dict; private keys start with ``private_``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, level: int = 5) -> None:
+        super().__init__()
+        if level not in FEDLP_LEVELS:
+            raise ValueError(f"fedlp-cnn level: got {level!r}; allowed: 1..5")
+        self.level = level
+        self.num_convs = level + 1
+        cin = in_channels
+        for i, cout in enumerate(FEDLP_CHANNELS[: self.num_convs], start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
+            cin = cout
+        self.pool = nn.MaxPool2d(2)
+        # pools after conv 2, 4, 6; a trunk ending after conv 3 or 5 gets one more pool in its head
+        pools = (self.num_convs + 1) // 2
+        side = image_size // 2 ** pools
+        flat = cin * side * side
+        if level == 5:
+            self.global_fc1 = nn.Linear(flat, 128)
+            self.global_fc2 = nn.Linear(128, num_classes)
+        else:
+            self.private_fc1 = nn.Linear(flat, 128)
+            self.private_fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        for i in range(1, self.num_convs + 1):
+            x = getattr(self, f"bn{i}")(nn.functional.relu(getattr(self, f"conv{i}")(x)))
+            if i % 2 == 0:
+                x = self.pool(x)
+        if self.num_convs % 2:
+            x = self.pool(x)
+        x = x.flatten(1)
+        if self.level == 5:
+            return self.global_fc2(self.global_fc1(x))
+        return self.private_fc2(self.private_fc1(x))
+
+
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     if name in ("cnn", "cnn-bn"):
         return SmallCNN(in_channels, num_classes, image_size, batchnorm=name == "cnn-bn")
@@ -113,4 +171,6 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
         return CifarResNet(int(name[6:]), in_channels, num_classes)
     if name == "vgg11-bn":
         return VGG11BN(in_channels, num_classes, image_size)
-    raise ValueError(f"model.name: got {name!r}; allowed: cnn, cnn-bn, resnet20, resnet32, vgg11-bn")
+    if name == "fedlp-cnn":
+        return FedLPCNN(in_channels, num_classes, image_size)
+    raise ValueError(f"model.name: got {name!r}; allowed: cnn, cnn-bn, resnet20, resnet32, vgg11-bn, fedlp-cnn")

@@ -9,6 +9,7 @@ from strategies.base import FedPruneStrategy
 def build_strategy(experiment: Experiment) -> FedPruneStrategy:
     """The strategy an experiment's ``method`` names."""
     from strategies.baselines import METHODS
+    from strategies.fedlp import METHODS as FEDLP_METHODS
 
     if experiment.method == "fedavg":
         return FedPruneStrategy(seed=experiment.seed, sampling=experiment.sampling,
@@ -18,4 +19,6 @@ def build_strategy(experiment: Experiment) -> FedPruneStrategy:
         model = new_model(experiment)
         return METHODS[experiment.method](experiment, lambda: new_model(experiment),
                                           maskable_names(experiment, model), (spec.channels, spec.size, spec.size))
-    raise ValueError(f"method: got {experiment.method!r}; allowed: fedavg, {', '.join(METHODS)}")
+    if experiment.method in FEDLP_METHODS:
+        return FEDLP_METHODS[experiment.method](experiment, lambda: new_model(experiment))
+    raise ValueError(f"method: got {experiment.method!r}; allowed: fedavg, {', '.join([*METHODS, *FEDLP_METHODS])}")

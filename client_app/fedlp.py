@@ -1,0 +1,148 @@
+"""FedLP's local routines (Zhu et al., ICC 2023), selected by ``config["routine"]``.
+
+client_app/app.py dispatches a train or evaluate message here when its config names a routine in
+:data:`ROUTINES`; each routine gets the message, the node's context, the handler's ``Local``
+(experiment, partition, data) and the app's ``training_costs`` function.
+
+* ``fedlp-homo`` train: load the full model, train it as FedAvg does (same batch order), then
+  upload only the entries its keep draw ``numpy_rng(seed, "fedlp-keep", round, partition_id)``
+  keeps (fedprune/fedlp.py; the server recomputes the draw and rejects any other key set).
+  Evaluation is the app's ordinary one (the full model).
+* ``fedlp-hetero`` train / evaluate: build the sub-model of this node's level (drawn once from
+  ``numpy_rng(seed, "fedlp-level", partition_id)``; the server's ``fedlp-level`` must agree),
+  load the shared entries from the message and the private head from ``context.state``
+  (``fedlp-head``; on first use the head is initialized from ``(seed, "fedlp-head",
+  partition_id)``), train (or evaluate on the validation split), store the head back and upload
+  only the shared entries. The head never leaves the node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedprune.data import SPECS
+from fedprune.experiment import Experiment
+from fedprune.fedlp import draw_level, kept_keys, preference_probs, private_keys, shared_keys
+from fedprune.models import FedLPCNN
+from fedprune.seeding import derive_seed, torch_generator
+from fedprune.task import new_model
+from fedprune.training import evaluate, train
+from strategies.transport import pack, unpack
+
+HEAD_KEY = "fedlp-head"
+HEAD_META_KEY = "fedlp-head-meta"
+
+
+def _load(model: torch.nn.Module, record: ArrayRecord, keys: list[str]) -> None:
+    """Overwrite ``keys`` of the model with the message's entries (exactly those must be there)."""
+    state = model.state_dict()
+    if set(record.keys()) != set(keys):
+        missing, extra = sorted(set(keys) - set(record.keys())), sorted(set(record.keys()) - set(keys))
+        raise ValueError(f"fedlp: the message's entries differ from this node's: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    arrays, _ = unpack(record, None, {k: tuple(state[k].shape) for k in keys})
+    model.load_state_dict({**state, **{k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}})
+
+
+def _metrics(local, config: ConfigRecord, n: int, **extra) -> MetricRecord:
+    return MetricRecord({"num-examples": n, "partition-id": local.partition_id,
+                         "mask-version": int(config.get("mask-version", 0)), **extra})
+
+
+# ------------------------------------------------------------------------------ Homo
+
+def homo_train(msg: Message, context: Context, local, training_costs: Callable) -> Message:
+    """Train the full model; upload the entries this node's keep draw keeps."""
+    exp: Experiment = local.experiment
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    x, y, _, _ = local.data()
+    model = new_model(exp)
+    keys = list(model.state_dict())
+    _load(model, msg.content["arrays"], keys)
+    costs = training_costs(model, None, x, y, local)
+    start = time.process_time()
+    loss = train(model, x, y, exp.client, torch_generator(exp.seed, "train", server_round, local.partition_id))
+    seconds = time.process_time() - start
+    state = model.state_dict()
+    keep = kept_keys(exp.seed, server_round, local.partition_id, keys, exp.fedlp.p, exp.fedlp.unit)
+    arrays = pack({k: state[k] for k in keep}, value_dtype=str(config.get("value-dtype", "float32")))
+    metrics = _metrics(local, config, len(x), loss=loss, **{"compute-seconds": seconds}, **costs)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+# ------------------------------------------------------------------------------ Hetero
+
+def node_level(exp: Experiment, partition_id: int) -> int:
+    return draw_level(exp.seed, partition_id, preference_probs(exp.fedlp.preferred_level, exp.fedlp.preference_weight))
+
+
+def _sub_model(msg: Message, context: Context, local) -> tuple[FedLPCNN, int]:
+    """This node's level sub-model: shared entries from the message, private head from the state."""
+    exp: Experiment = local.experiment
+    level = node_level(exp, local.partition_id)
+    sent = int(msg.content["config"].get("fedlp-level", -1))
+    if sent != level:
+        raise ValueError(f"fedlp: the server says this node (partition {local.partition_id}) has level {sent}, "
+                         f"its own draw says {level}")
+    spec = SPECS[exp.dataset.name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(exp.seed, "fedlp-head", local.partition_id))
+        model = FedLPCNN(spec.channels, spec.num_classes, spec.size, level)
+    _load(model, msg.content["arrays"], shared_keys(model))
+    if HEAD_KEY in context.state:
+        held = int(context.state[HEAD_META_KEY]["level"])
+        if held != level:
+            raise ValueError(f"fedlp: this node holds a private head of level {held}, needs level {level}")
+        head = {k: torch.from_numpy(np.array(v.numpy())) for k, v in context.state[HEAD_KEY].items()}
+        if set(head) != set(private_keys(model)):
+            raise ValueError(f"fedlp: stored private head has entries {sorted(head)}, expected {private_keys(model)}")
+        model.load_state_dict({**model.state_dict(), **head})
+    return model, level
+
+
+def _store_head(context: Context, model: FedLPCNN, level: int) -> None:
+    state = model.state_dict()
+    context.state[HEAD_KEY] = ArrayRecord(
+        {k: Array(np.ascontiguousarray(state[k].detach().cpu().numpy())) for k in private_keys(model)})
+    context.state[HEAD_META_KEY] = ConfigRecord({"level": level})
+
+
+def hetero_train(msg: Message, context: Context, local, training_costs: Callable) -> Message:
+    """Train this node's sub-model; keep the private head, upload the shared entries."""
+    exp: Experiment = local.experiment
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    x, y, _, _ = local.data()
+    model, level = _sub_model(msg, context, local)
+    costs = training_costs(model, None, x, y, local)
+    start = time.process_time()
+    loss = train(model, x, y, exp.client, torch_generator(exp.seed, "train", server_round, local.partition_id))
+    seconds = time.process_time() - start
+    _store_head(context, model, level)
+    state = model.state_dict()
+    arrays = pack({k: state[k] for k in shared_keys(model)}, value_dtype=str(config.get("value-dtype", "float32")))
+    metrics = _metrics(local, config, len(x), loss=loss, **{"compute-seconds": seconds}, **costs)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def hetero_evaluate(msg: Message, context: Context, local, training_costs: Callable) -> Message:
+    """Loss and accuracy of this node's own sub-model (shared trunk + private head) on its
+    validation split. A node that never trained evaluates its initial head."""
+    _, _, x, y = local.data()
+    model, _ = _sub_model(msg, context, local)
+    loss, acc = evaluate(model, x, y, local.experiment.evaluation.batch_size)
+    metrics = _metrics(local, msg.content["config"], len(x), loss=loss, accuracy=acc)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+ROUTINES: dict[str, dict[str, Callable]] = {
+    "fedlp-homo": {"train": homo_train},
+    "fedlp-hetero": {"train": hetero_train, "evaluate": hetero_evaluate},
+}
+"""Routine name -> handler kind (``train`` / ``evaluate``) -> fn(msg, context, local, training_costs)."""

@@ -1,0 +1,211 @@
+"""FedLP: layer-wise pruning (Zhu et al., ICC 2023), Homo and Hetero, on the base strategy.
+
+* ``fedlp-homo``: every node downloads the full model, trains it, and uploads each unit (a
+  state-dict entry, or a module, ``fedlp.unit``) with probability ``fedlp.p``. The keep decisions
+  come from ``numpy_rng(seed, "fedlp-keep", round, partition_id)`` (fedprune/fedlp.py), so the
+  server recomputes each node's draw and rejects a reply whose key set differs from it. The base's
+  :func:`~strategies.aggregation.masked_average` averages each entry over the nodes that sent it;
+  an entry nobody sent keeps its value.
+* ``fedlp-hetero``: node k has a depth level ``c_k`` in 1..5 for the whole run, drawn from
+  ``numpy_rng(seed, "fedlp-level", partition_id)`` under the preference distribution
+  (``fedlp.preferred_level``, ``fedlp.preference_weight``). It receives and returns only the
+  shared entries of its level (the first ``c_k + 1`` conv layers and their BatchNorm, or the whole
+  model at level 5); its private head stays in the node's ``context.state``
+  (client_app/fedlp.py). Each global entry is averaged over the nodes that hold it. The server
+  evaluates the level-5 global model; client-side evaluation uses each node's own sub-model.
+
+Averaging is weighted by examples unless ``fedlp.weighted`` is false (the authors' plain mean).
+Round records add FedLP's ledger: Homo the uploaded share of elements and the entries nobody sent;
+Hetero the trained nodes, training FLOPs per example and peak memory per level, and the
+validation accuracy per level.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedprune.data import SPECS
+from fedprune.experiment import Experiment
+from fedprune.fedlp import draw_level, kept_keys, preference_probs, shared_keys
+from fedprune.models import FEDLP_LEVELS, FedLPCNN
+from strategies.base import FedPruneStrategy
+from strategies.transport import pack, unpack
+from strategies.validation import InvalidReply, check_arrays, check_num_examples
+
+
+class FedLPStrategy(FedPruneStrategy):
+    """What both FedLP schemes share: the routine name in each node's config, partition lookup,
+    the expected key set of a reply, and decoding of partial replies."""
+
+    def __init__(self, experiment: Experiment, model_fn: Callable[[], torch.nn.Module]) -> None:
+        super().__init__(seed=experiment.seed, sampling=experiment.sampling,
+                         value_dtype=experiment.transport.value_dtype, weighted=experiment.fedlp.weighted)
+        self.experiment = experiment
+        self.cfg = experiment.fedlp
+        self.keys = list(model_fn().state_dict())
+        self.server_round = 0
+        self._record: dict = {}
+
+    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        cfg = super().node_config(server_round, node_id, config)
+        cfg["routine"] = self.experiment.method
+        return cfg
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.server_round = server_round
+        self._record = {}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def partition_of(self, msg: Message) -> int:
+        info = self.nodes.get(msg.metadata.src_node_id)
+        if info is None:
+            raise InvalidReply("reply from a node that never described itself")
+        return info.partition_id
+
+    def expected_keys(self, msg: Message) -> list[str]:
+        """The entries this node must send in this round."""
+        raise NotImplementedError
+
+    def check_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+        """A valid reply carries exactly the entries its node's draw (Homo) or level (Hetero) says,
+        each with the global entry's shape and dtype and finite; the rest as in the base."""
+        n = check_num_examples(msg, self.num_examples_bound(msg))
+        self.check_mask_version(msg)
+        record = msg.content.array_records.get("arrays")
+        if record is None:
+            raise InvalidReply("no ArrayRecord 'arrays'")
+        expected = set(self.expected_keys(msg))
+        sent = set(record.keys())
+        if sent != expected:
+            raise InvalidReply(
+                f"sent {len(sent)} entries, its {self.what_decides()} says {len(expected)}: missing "
+                f"{sorted(expected - sent)[:3]}, unexpected {sorted(sent - expected)[:3]}")
+        decoded, _ = unpack(record, None, {k: self.global_arrays[k].shape for k in sent})
+        arrays = check_arrays(decoded, self.global_arrays, partial=True)
+        self.note_reply(msg, arrays, n)
+        return arrays, {}, n
+
+    def what_decides(self) -> str:
+        return "draw"
+
+    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int) -> None:
+        """Per-round ledger of an accepted reply."""
+
+    def extra_round_record(self) -> dict:
+        record, self._record = self._record, {}
+        return record
+
+
+class FedLPHomo(FedLPStrategy):
+    """FedLP-Homo: full model down, each unit up with probability ``p``."""
+
+    def expected_keys(self, msg: Message) -> list[str]:
+        return kept_keys(self.seed, self.server_round, self.partition_of(msg), self.keys, self.cfg.p,
+                         self.cfg.unit)
+
+    def what_decides(self) -> str:
+        return f"keep draw for round {self.server_round}"
+
+    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int) -> None:
+        total = sum(v.size for v in self.global_arrays.values())
+        self._record.setdefault("fedlp_uploaded_share", []).append(sum(v.size for v in arrays.values()) / total)
+        self._record.setdefault("_sent", set()).update(arrays)
+
+    def extra_round_record(self) -> dict:
+        record = super().extra_round_record()
+        if "fedlp_uploaded_share" in record:
+            shares = record["fedlp_uploaded_share"]
+            record["fedlp_uploaded_share"] = float(np.mean(shares))
+            record["fedlp_entries_unsent"] = len(set(self.keys) - record.pop("_sent"))
+        return record
+
+
+class FedLPHetero(FedLPStrategy):
+    """FedLP-Hetero: each node exchanges the shared entries of its fixed depth level."""
+
+    def __init__(self, experiment: Experiment, model_fn: Callable[[], torch.nn.Module]) -> None:
+        super().__init__(experiment, model_fn)
+        spec = SPECS[experiment.dataset.name]
+        self.probs = preference_probs(self.cfg.preferred_level, self.cfg.preference_weight)
+        self.level_keys = {c: shared_keys(FedLPCNN(spec.channels, spec.num_classes, spec.size, c))
+                           for c in FEDLP_LEVELS}
+        self._level_payloads: dict[int, ArrayRecord] = {}
+
+    def level(self, partition_id: int) -> int:
+        return draw_level(self.seed, partition_id, self.probs)
+
+    def node_level(self, node_id: int) -> int:
+        return self.level(self.nodes[node_id].partition_id)
+
+    def payload(self, node_id: int) -> tuple[ArrayRecord, bool]:
+        """The shared entries of the node's level (no mask: FedLP prunes whole layers)."""
+        c = self.node_level(node_id)
+        if c not in self._level_payloads:
+            self._level_payloads[c] = pack({k: self.global_arrays[k] for k in self.level_keys[c]},
+                                           value_dtype=self.value_dtype)
+        return self._level_payloads[c], False
+
+    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        cfg = super().node_config(server_round, node_id, config)
+        cfg["fedlp-level"] = self.node_level(node_id)
+        return cfg
+
+    def expected_keys(self, msg: Message) -> list[str]:
+        return self.level_keys[self.level(self.partition_of(msg))]
+
+    def what_decides(self) -> str:
+        return "level"
+
+    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int) -> None:
+        metrics = msg.content["metrics"]
+        c = self.level(self.partition_of(msg))
+        self._record.setdefault("_levels", []).append(
+            (c, float(metrics.get("flops", 0.0)), n, float(metrics.get("peak-memory", 0.0))))
+
+    def after_aggregate(self, server_round: int) -> None:
+        self._level_payloads.clear()
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The base's example-weighted mean, plus each level's validation accuracy."""
+        replies = list(replies)
+        out = super().aggregate_evaluate(server_round, replies)
+        by_level: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        for msg in replies:
+            if msg.has_error() or msg.metadata.src_node_id not in self.nodes:
+                continue
+            try:
+                self.check_mask_version(msg)
+                n = check_num_examples(msg, None)
+            except InvalidReply:
+                continue
+            by_level[self.node_level(msg.metadata.src_node_id)].append(
+                (float(msg.content["metrics"]["accuracy"]), n))
+        if by_level:
+            self._record["fedlp_val_accuracy_by_level"] = {
+                str(c): sum(a * n for a, n in v) / sum(n for _, n in v) for c, v in sorted(by_level.items())}
+        return out
+
+    def extra_round_record(self) -> dict:
+        record = super().extra_round_record()
+        rows = record.pop("_levels", [])
+        if rows:
+            levels = sorted({c for c, *_ in rows})
+            record["fedlp_nodes_by_level"] = {str(c): sum(1 for r in rows if r[0] == c) for c in levels}
+            record["fedlp_train_flops_per_example_by_level"] = {
+                str(c): sum(r[1] for r in rows if r[0] == c) / sum(r[2] for r in rows if r[0] == c) for c in levels}
+            record["fedlp_peak_memory_by_level"] = {str(c): max(r[3] for r in rows if r[0] == c) for c in levels}
+        return record
+
+    def levels_of_partitions(self, num_partitions: int) -> list[int]:
+        """Every partition's level (what the server would assign), for reports."""
+        return [self.level(pid) for pid in range(num_partitions)]
+
+
+METHODS = {"fedlp-homo": FedLPHomo, "fedlp-hetero": FedLPHetero}
