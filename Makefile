@@ -42,6 +42,7 @@ test: venv data
 bench: venv data
 	$(PY) benchmarks/codec_bits.py
 	$(PY) -m benchmarks.baselines
+	$(PY) -m benchmarks.fedlp
 	$(PY) -m benchmarks.report
 
 # Stop a managed local SuperLink left running by `python -m fedprune.simulate --keep-superlink`.

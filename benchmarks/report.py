@@ -64,7 +64,73 @@ def codec_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def fedlp_table(results: dict) -> str:
+    """FedLP against dense FedAvg: one row per method setting with its IID and Dirichlet runs,
+    the communication model next to the paper's column and the measured bytes; then per level."""
+    runs = {r["name"]: r for r in results["runs"]}
+    model, paper = results["communication_model"], results["paper_comm_k"]
+    keys = list(dict.fromkeys(r["key"] for r in results["runs"]))
+    label = {"fedavg": "dense FedAvg"}
+    for key in keys:
+        if key.startswith("homo-"):
+            label[key] = f"FedLP-Homo p={key[5:]}"
+        elif key.startswith("hetero-"):
+            label[key] = f"FedLP-Hetero flag {key[7:]}"
+    lines = [
+        "| method | test acc IID | vs FedAvg | test acc Dir(0.5) | vs FedAvg | client val acc, own sub-model (IID / Dir) "
+        "| k params / client-round: model, CIFAR shape (paper) | model, this shape | counted (these runs) "
+        "| measured bytes / (4 x counted) | train MFLOPs / example | client peak MB | wall s IID / Dir (ratio) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dense = {s: runs.get(f"fedavg-{s}") for s in ("iid", "dirichlet")}
+
+    def acc(key: str, scheme: str) -> tuple[str, str]:
+        r, d = runs.get(f"{key}-{scheme}"), dense[scheme]
+        if r is None:
+            return "n/a", "n/a"
+        delta = f"{100 * (r['final_test_accuracy'] - d['final_test_accuracy']):+.2f}" if d and key != "fedavg" else ""
+        return f"{r['final_test_accuracy']:.4f}", delta
+
+    for key in keys:
+        both = [runs[f"{key}-{s}"] for s in ("iid", "dirichlet") if f"{key}-{s}" in runs]
+        a_iid, d_iid = acc(key, "iid")
+        a_dir, d_dir = acc(key, "dirichlet")
+        val = " / ".join(f"{r['final_val_accuracy']:.4f}" if r.get("final_val_accuracy") is not None else "-"
+                         for r in both) if key.startswith("hetero") else "-"
+        counted = sum(r["counted_params_per_client_round"] for r in both) / len(both)
+        measured = sum(r["bytes_down_per_client_round"] + r["bytes_up_per_client_round"] for r in both) / len(both)
+        walls = " / ".join(
+            f"{r['wall_seconds']:.0f} ({_ratio(r['wall_seconds'], dense[r['scheme']]['wall_seconds'])})"
+            for r in both if dense.get(r["scheme"]))
+        lines.append(
+            f"| {label[key]} | {a_iid} | {d_iid} | {a_dir} | {d_dir} | {val} | "
+            f"{model['cifar10'][key] / 1e3:.2f} ({paper[key]:.2f}) | {model['fashion-mnist'][key] / 1e3:.2f} | "
+            f"{counted / 1e3:.2f} | {measured / (4 * counted):.4f} | "
+            f"{sum(r['train_flops_per_example'] for r in both) / len(both) / 1e6:.1f} | "
+            f"{max(r['client_peak_memory'] for r in both) / 1e6:.1f} | {walls} |")
+    levels = results["levels_of_partitions"]
+    lines += ["", "| level | shared params | private params | train MFLOPs / example | peak MB of one Adam step "
+              "(batch 32) | partitions at this level, flag " + " / ".join(levels) + " |",
+              "|---|---|---|---|---|---|"]
+    for row in results["level_costs"]:
+        c = row["level"]
+        counts = " / ".join(str(sum(1 for x in v if x == c)) for v in levels.values())
+        lines.append(f"| {c} | {row['shared_params']} | {row['private_params']} | "
+                     f"{row['train_flops_per_example'] / 1e6:.1f} | {row['peak_memory'] / 1e6:.1f} | {counts} |")
+    s = results["setting"]
+    lines.append("")
+    lines.append(
+        f"Setting: {s['description']} Accuracy: the final round's central test accuracy (Hetero: the "
+        "level-5 global model). Communication in k parameters per client and round, down + up: the model "
+        "is the expectation (BatchNorm buffers excluded, as in the paper); counted = what these runs' draws "
+        "and levels exchanged (buffers included); measured = the serialized message bytes. FLOPs are counted "
+        "(forward + backward), per training example, averaged over both runs. Total "
+        f"{results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`.")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "fedlp": ("fedlp.json", fedlp_table),
     "baselines": ("baselines.json", baselines_table),
     "codec": ("codec_bits.json", codec_table),
 }

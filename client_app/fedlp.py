@@ -2,7 +2,8 @@
 
 client_app/app.py dispatches a train or evaluate message here when its config names a routine in
 :data:`ROUTINES`; each routine gets the message, the node's context, the handler's ``Local``
-(experiment, partition, data) and the app's ``training_costs`` function.
+(experiment, partition, data) and the app's ``training_costs`` function (Homo uses it; Hetero
+counts its sub-models' costs with :func:`level_costs`, keyed by level).
 
 * ``fedlp-homo`` train: load the full model, train it as FedAvg does (same batch order), then
   upload only the entries its keep draw ``numpy_rng(seed, "fedlp-keep", round, partition_id)``
@@ -32,6 +33,7 @@ from fedprune.models import FedLPCNN
 from fedprune.seeding import derive_seed, torch_generator
 from fedprune.task import new_model
 from fedprune.training import evaluate, train
+from pruning.accounting import count_flops, training_step_memory
 from strategies.transport import pack, unpack
 
 HEAD_KEY = "fedlp-head"
@@ -113,6 +115,25 @@ def _store_head(context: Context, model: FedLPCNN, level: int) -> None:
     context.state[HEAD_META_KEY] = ConfigRecord({"level": level})
 
 
+_LEVEL_FLOPS: dict[tuple, float] = {}
+"""Training FLOPs per example by (level, input shape): a cache, not state (counting costs about a
+second of training; losing the cache costs time, never a result)."""
+
+
+def level_costs(model: FedLPCNN, x: torch.Tensor, y: torch.Tensor, local) -> dict:
+    """Counted training FLOPs of this round's local work on the level's sub-model and the measured
+    peak of one training step (as the app's ``training_costs``, keyed by level: sub-models of one
+    model name differ in architecture)."""
+    c = local.experiment.client
+    key = (model.level, tuple(x.shape[1:]))
+    if key not in _LEVEL_FLOPS:
+        _LEVEL_FLOPS[key] = count_flops(model, x[:1], training=True).effective
+    memory = training_step_memory(
+        model, torch.nn.functional.cross_entropy, (x[: c.batch_size], y[: c.batch_size]),
+        optimizer_factory=None if c.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=c.lr)))
+    return {"flops": float(_LEVEL_FLOPS[key] * len(x) * c.local_epochs), "peak-memory": float(memory.peak)}
+
+
 def hetero_train(msg: Message, context: Context, local, training_costs: Callable) -> Message:
     """Train this node's sub-model; keep the private head, upload the shared entries."""
     exp: Experiment = local.experiment
@@ -120,7 +141,7 @@ def hetero_train(msg: Message, context: Context, local, training_costs: Callable
     server_round = int(config["server-round"])
     x, y, _, _ = local.data()
     model, level = _sub_model(msg, context, local)
-    costs = training_costs(model, None, x, y, local)
+    costs = level_costs(model, x, y, local)
     start = time.process_time()
     loss = train(model, x, y, exp.client, torch_generator(exp.seed, "train", server_round, local.partition_id))
     seconds = time.process_time() - start
