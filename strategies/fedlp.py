@@ -203,9 +203,5 @@ class FedLPHetero(FedLPStrategy):
             record["fedlp_peak_memory_by_level"] = {str(c): max(r[3] for r in rows if r[0] == c) for c in levels}
         return record
 
-    def levels_of_partitions(self, num_partitions: int) -> list[int]:
-        """Every partition's level (what the server would assign), for reports."""
-        return [self.level(pid) for pid in range(num_partitions)]
-
 
 METHODS = {"fedlp-homo": FedLPHomo, "fedlp-hetero": FedLPHetero}
