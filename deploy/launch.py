@@ -325,6 +325,8 @@ class LocalFederation:
         threading.Thread(target=_timestamp_lines, args=(popen.stdout, log), daemon=True).start()
         proc = Proc(name, popen, log)
         self.procs.append(proc)
+        # for the one case nothing here can handle: the launcher itself killed with SIGKILL
+        (self.workdir / "pids.json").write_text(json.dumps({p.name: p.pid for p in self.procs}, indent=1))
         self._say(f"started {name} (pid {popen.pid}); log {log}")
         return proc
 

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = 10
 """Partitions the data is split into: the two nodes hold partitions 0 and 1 of ten, a fifth of the
 data, so that a round costs less (benchmarks/deployment.py runs the full two-way split)."""
+NO_CLIENT_EVALUATION = "sampling.fraction_evaluate=0"
+"""One message per node and round instead of two (each message costs a ClientApp process)."""
 ONE_NODE_IS_ENOUGH = "sampling.min_train_nodes=1 sampling.min_evaluate_nodes=1 sampling.min_available_nodes=1"
 
 
@@ -78,7 +80,7 @@ def test_secure_federation_refuses_an_unregistered_node(tmp_path):
         assert len(fed.online_nodes()) == 2
 
         out = fed.run({"experiment": "configs/fedavg.yaml", "num-server-rounds": 1, "run-name": "secure",
-                       "output-dir": str(tmp_path / "outputs")}, timeout=600)
+                       "output-dir": str(tmp_path / "outputs"), "overrides": NO_CLIENT_EVALUATION}, timeout=600)
         assert out.ok, (out.status, out.details)
     records = rounds(tmp_path / "outputs" / "secure")
     assert records[1]["train_num_nodes"] == 2 and records[1]["failed_replies"] == 0
@@ -100,7 +102,8 @@ def test_a_killed_supernode_does_not_stop_the_federation(tmp_path):
                 threading.Timer(4.0, fed.kill_node, args=(1,)).start()
 
         out = fed.run({"experiment": "configs/fedavg.yaml", "num-server-rounds": 2, "run-name": "node-loss",
-                       "output-dir": str(tmp_path / "outputs"), "overrides": ONE_NODE_IS_ENOUGH},
+                       "output-dir": str(tmp_path / "outputs"),
+                       "overrides": f"{ONE_NODE_IS_ENOUGH} {NO_CLIENT_EVALUATION}"},
                       timeout=600, on_line=on_line)
         assert killed.is_set()
         assert out.ok, (out.status, out.details)
@@ -111,4 +114,5 @@ def test_a_killed_supernode_does_not_stop_the_federation(tmp_path):
     records = rounds(tmp_path / "outputs" / "node-loss")
     assert records[1]["train_num_nodes"] == 2
     assert records[2]["failed_replies"] >= 1
-    assert records[2]["train_num_nodes"] == 1 and records[2]["val_num_nodes"] == 1
+    assert records[2]["train_num_nodes"] == 1
+    assert records[2]["test_accuracy"] > records[0]["test_accuracy"]  # the model the node left behind still learned
