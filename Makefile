@@ -38,7 +38,8 @@ demo: venv data
 test: venv data
 	$(PY) -m pytest -q
 
-# Reruns the benchmarks (about 30 minutes on 2 cores) and regenerates the README tables.
+# Reruns the benchmarks (each sweep about half an hour to an hour on 2 cores) and regenerates the
+# README tables. benchmarks.demo and benchmarks.deployment run separately (python -m ...).
 bench: venv data
 	$(PY) benchmarks/codec_bits.py
 	$(PY) -m benchmarks.baselines
