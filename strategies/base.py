@@ -341,7 +341,7 @@ class FedPruneStrategy(FedAvg):
                 self.configure_train(server_round, arrays, train_config, metered), timeout=timeout)
             new_arrays, train_m = self.aggregate_train(server_round, replies)
             if new_arrays is not None:
-                arrays = result.arrays = new_arrays
+                arrays = new_arrays
             if train_m is not None:
                 result.train_metrics_clientapp[server_round] = train_m
             eval_replies = metered.send_and_receive(

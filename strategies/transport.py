@@ -19,7 +19,6 @@ from flwr.app import Array, ArrayRecord
 from pruning.codec import CodecError, decode_with_mask, encode, encoding_sizes
 
 STYPE = "fedprune.codec/1"
-VALUE_DTYPES = ("float32", "float16")
 
 
 def _tensor(x) -> torch.Tensor:
