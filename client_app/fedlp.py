@@ -1,9 +1,8 @@
-"""FedLP's local routines (Zhu et al., ICC 2023), selected by ``config["routine"]``.
+"""FedLP's local routines (Zhu et al., ICC 2023).
 
-client_app/app.py dispatches a train or evaluate message here when its config names a routine in
-:data:`ROUTINES`; each routine gets the message, the node's context, the handler's ``Local``
-(experiment, partition, data) and the app's ``training_costs`` function (Homo uses it; Hetero
-counts its sub-models' costs with :func:`level_costs`, keyed by level).
+The registry (fedprune/methods.py) points the methods ``fedlp-homo`` and ``fedlp-hetero`` at
+:data:`HOMO` and :data:`HETERO`; each routine gets the message, the node's context and the node
+(experiment, partition, data).
 
 * ``fedlp-homo`` train: load the full model, train it as FedAvg does (same batch order), then
   upload only the entries its keep draw ``numpy_rng(seed, "fedlp-keep", round, partition_id)``
@@ -20,12 +19,13 @@ counts its sub-models' costs with :func:`level_costs`, keyed by level).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
+from client_app.node import Node, reply, training_costs, value_dtype
+from fedprune import protocol
 from fedprune.data import SPECS
 from fedprune.experiment import Experiment
 from fedprune.fedlp import draw_level, kept_keys, preference_probs, private_keys, shared_keys
@@ -33,8 +33,6 @@ from fedprune.models import FedLPCNN
 from fedprune.seeding import derive_seed, torch_generator
 from fedprune.task import new_model
 from fedprune.training import evaluate, train
-from pruning.accounting import count_flops, training_step_memory
-from strategies.transport import pack, unpack
 
 HEAD_KEY = "fedlp-head"
 HEAD_META_KEY = "fedlp-head-meta"
@@ -42,27 +40,17 @@ HEAD_META_KEY = "fedlp-head-meta"
 
 def _load(model: torch.nn.Module, record: ArrayRecord, keys: list[str]) -> None:
     """Overwrite ``keys`` of the model with the message's entries (exactly those must be there)."""
-    state = model.state_dict()
-    if set(record.keys()) != set(keys):
-        missing, extra = sorted(set(keys) - set(record.keys())), sorted(set(record.keys()) - set(keys))
-        raise ValueError(f"fedlp: the message's entries differ from this node's: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}")
-    arrays, _ = unpack(record, None, {k: tuple(state[k].shape) for k in keys})
-    model.load_state_dict({**state, **{k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}})
-
-
-def _metrics(local, config: ConfigRecord, n: int, **extra) -> MetricRecord:
-    return MetricRecord({"num-examples": n, "partition-id": local.partition_id,
-                         "mask-version": int(config.get("mask-version", 0)), **extra})
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    arrays = protocol.unpack(record, protocol.expected_of({k: state[k] for k in keys}))
+    model.load_state_dict({**model.state_dict(), **{k: torch.from_numpy(v) for k, v in arrays.items()}})
 
 
 # ------------------------------------------------------------------------------ Homo
 
-def homo_train(msg: Message, context: Context, local, training_costs: Callable) -> Message:
+def homo_train(msg: Message, context: Context, local: Node) -> Message:
     """Train the full model; upload the entries this node's keep draw keeps."""
     exp: Experiment = local.experiment
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+    server_round = int(msg.content[protocol.CONFIG][protocol.SERVER_ROUND])
     x, y, _, _ = local.data()
     model = new_model(exp)
     keys = list(model.state_dict())
@@ -73,9 +61,9 @@ def homo_train(msg: Message, context: Context, local, training_costs: Callable) 
     seconds = time.process_time() - start
     state = model.state_dict()
     keep = kept_keys(exp.seed, server_round, local.partition_id, keys, exp.fedlp.p, exp.fedlp.unit)
-    arrays = pack({k: state[k] for k in keep}, value_dtype=str(config.get("value-dtype", "float32")))
-    metrics = _metrics(local, config, len(x), loss=loss, **{"compute-seconds": seconds}, **costs)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    arrays = protocol.pack({k: state[k] for k in keep}, value_dtype=value_dtype(msg))
+    return reply(msg, local, len(x), {protocol.ARRAYS: arrays}, loss=loss,
+                 **{protocol.COMPUTE_SECONDS: seconds}, **costs)
 
 
 # ------------------------------------------------------------------------------ Hetero
@@ -115,55 +103,31 @@ def _store_head(context: Context, model: FedLPCNN, level: int) -> None:
     context.state[HEAD_META_KEY] = ConfigRecord({"level": level})
 
 
-_LEVEL_FLOPS: dict[tuple, float] = {}
-"""Training FLOPs per example by (level, input shape): a cache, not state (counting costs about a
-second of training; losing the cache costs time, never a result)."""
-
-
-def level_costs(model: FedLPCNN, x: torch.Tensor, y: torch.Tensor, local) -> dict:
-    """Counted training FLOPs of this round's local work on the level's sub-model and the measured
-    peak of one training step (as the app's ``training_costs``, keyed by level: sub-models of one
-    model name differ in architecture)."""
-    c = local.experiment.client
-    key = (model.level, tuple(x.shape[1:]))
-    if key not in _LEVEL_FLOPS:
-        _LEVEL_FLOPS[key] = count_flops(model, x[:1], training=True).effective
-    memory = training_step_memory(
-        model, torch.nn.functional.cross_entropy, (x[: c.batch_size], y[: c.batch_size]),
-        optimizer_factory=None if c.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=c.lr)))
-    return {"flops": float(_LEVEL_FLOPS[key] * len(x) * c.local_epochs), "peak-memory": float(memory.peak)}
-
-
-def hetero_train(msg: Message, context: Context, local, training_costs: Callable) -> Message:
+def hetero_train(msg: Message, context: Context, local: Node) -> Message:
     """Train this node's sub-model; keep the private head, upload the shared entries."""
     exp: Experiment = local.experiment
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
+    server_round = int(msg.content[protocol.CONFIG][protocol.SERVER_ROUND])
     x, y, _, _ = local.data()
     model, level = _sub_model(msg, context, local)
-    costs = level_costs(model, x, y, local)
+    costs = training_costs(model, None, x, y, local, arch=("fedlp-level", level))
     start = time.process_time()
     loss = train(model, x, y, exp.client, torch_generator(exp.seed, "train", server_round, local.partition_id))
     seconds = time.process_time() - start
     _store_head(context, model, level)
     state = model.state_dict()
-    arrays = pack({k: state[k] for k in shared_keys(model)}, value_dtype=str(config.get("value-dtype", "float32")))
-    metrics = _metrics(local, config, len(x), loss=loss, **{"compute-seconds": seconds}, **costs)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    arrays = protocol.pack({k: state[k] for k in shared_keys(model)}, value_dtype=value_dtype(msg))
+    return reply(msg, local, len(x), {protocol.ARRAYS: arrays}, loss=loss,
+                 **{protocol.COMPUTE_SECONDS: seconds}, **costs)
 
 
-def hetero_evaluate(msg: Message, context: Context, local, training_costs: Callable) -> Message:
+def hetero_evaluate(msg: Message, context: Context, local: Node) -> Message:
     """Loss and accuracy of this node's own sub-model (shared trunk + private head) on its
     validation split. A node that never trained evaluates its initial head."""
     _, _, x, y = local.data()
     model, _ = _sub_model(msg, context, local)
     loss, acc = evaluate(model, x, y, local.experiment.evaluation.batch_size)
-    metrics = _metrics(local, msg.content["config"], len(x), loss=loss, accuracy=acc)
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return reply(msg, local, len(x), loss=loss, accuracy=acc)
 
 
-ROUTINES: dict[str, dict[str, Callable]] = {
-    "fedlp-homo": {"train": homo_train},
-    "fedlp-hetero": {"train": hetero_train, "evaluate": hetero_evaluate},
-}
-"""Routine name -> handler kind (``train`` / ``evaluate``) -> fn(msg, context, local, training_costs)."""
+HOMO = {protocol.TRAIN: homo_train}
+HETERO = {protocol.TRAIN: hetero_train, protocol.EVALUATE: hetero_evaluate}

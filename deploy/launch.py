@@ -54,7 +54,7 @@ from typing import IO
 
 from deploy.certs import Certificates, generate
 from fedprune.experiment import APP_ROOT, ExperimentError, experiment_from_run_config
-from fedprune.simulate import RunOutcome, _run_config_arg, flower_env, run_status
+from fedprune.simulate import RunOutcome, run_config_arg, flower_env, run_status
 
 CONNECTION = "fedprune-local"
 """The name of the SuperLink connection written into the CLI's config.toml."""
@@ -200,13 +200,13 @@ class Proc:
 
 def dataset_directory(name: str, root: str | None = None) -> Path | None:
     """The directory on this machine that holds ``name``'s files, as the apps would find it."""
-    from fedprune.data import SPECS, _find_cifar, _find_idx, search_roots
+    from fedprune.data import SPECS, find_cifar, find_idx, search_roots
 
     spec = SPECS[name]
     for base in search_roots(name, root):
         for sub in spec.subdirs:
             directory = base / sub if sub else base
-            found = _find_cifar(directory) if name == "cifar10" else _find_idx(directory)
+            found = find_cifar(directory) if name == "cifar10" else find_idx(directory)
             if found:
                 return directory.resolve()
     return None
@@ -493,7 +493,7 @@ class LocalFederation:
         """
         if self.superlink is None:
             raise RuntimeError("the federation is not started (use `with LocalFederation(...) as fed:`)")
-        cmd = ["flwr", "run", ".", CONNECTION, "--stream", "--run-config", _run_config_arg(run_config)]
+        cmd = ["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config_arg(run_config)]
         log = self.logs / "run.log"
         popen = subprocess.Popen(cmd, cwd=APP_ROOT, env=self.cli_env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,

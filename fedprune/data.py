@@ -88,7 +88,7 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _find_idx(directory: Path) -> dict[str, Path] | None:
+def find_idx(directory: Path) -> dict[str, Path] | None:
     found = {}
     for key, stem in _IDX_FILES.items():
         for candidate in (directory / stem, directory / f"{stem}.gz"):
@@ -113,7 +113,7 @@ def _load_idx(files: dict[str, Path], spec: DatasetSpec) -> Splits:
 
 # ------------------------------------------------------------------------------------ CIFAR-10
 
-def _find_cifar(directory: Path) -> Path | None:
+def find_cifar(directory: Path) -> Path | None:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     return directory if all((directory / n).is_file() for n in names) else None
 
@@ -146,9 +146,9 @@ def _try_local(spec: DatasetSpec, roots: list[Path]) -> tuple[Splits | None, lis
             directory = root / sub if sub else root
             looked.append(directory)
             if spec.name == "cifar10":
-                if found := _find_cifar(directory):
+                if found := find_cifar(directory):
                     return _load_cifar(found, spec), looked
-            elif files := _find_idx(directory):
+            elif files := find_idx(directory):
                 return _load_idx(files, spec), looked
     return None, looked
 

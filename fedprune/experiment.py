@@ -12,12 +12,15 @@ The Flower run config names the file (``experiment``) and may override keys:
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from fedprune.methods import METHODS
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 """The app directory (where pyproject.toml and configs/ live); relative experiment paths start here."""
@@ -37,9 +40,6 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 MODELS = ("cnn", "cnn-bn", "resnet20", "resnet32", "vgg11-bn", "fedlp-cnn")
 SCHEMES = ("iid", "dirichlet", "pathological")
-METHODS = ("fedavg", "random", "magnitude", "snip", "synflow", "gradual-magnitude", "fedlp-homo", "fedlp-hetero")
-DENSE_METHODS = ("fedavg", "fedlp-homo", "fedlp-hetero")
-"""Methods that do not use a weight mask (pruning.density does not apply)."""
 ALLOCATIONS = ("global", "uniform", "erk")
 
 
@@ -78,6 +78,9 @@ class SamplingConfig:
     min_train_nodes: int = _opt(2, lo=1)
     min_evaluate_nodes: int = _opt(2, lo=0)
     min_available_nodes: int = _opt(2, lo=1)
+    node_wait_seconds: float = _opt(300.0, lo=0.0)
+    """How long a round waits for enough described nodes (min_available_nodes, and the round's
+    min_train_nodes / min_evaluate_nodes) before the run stops with an error."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,12 @@ class PruningConfig:
     """magnitude: dense rounds before the one-shot cut."""
     score_batches: int = _opt(4, lo=1)
     """snip: local batches (of client.batch_size) each client scores on."""
+    snip_scoring: str = _opt("union", choices=("union", "client-mean"))
+    """snip: ``union`` scores |(mean of the clients' gradients) * w|, SNIP on the union of the
+    clients' batches; ``client-mean`` averages each client's own |g * w|."""
+    synflow_iterations: int = _opt(100, lo=1, hi=10_000)
+    """synflow: pruning iterations on the exponential density schedule (Tanaka et al. 2020 use 100);
+    1 is single-shot SynFlow."""
     start_round: int = _opt(1, lo=1)
     """gradual-magnitude: first pruning step (after that round's aggregation)."""
     end_round: int = _opt(5, lo=1)
@@ -146,7 +155,7 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class Experiment:
     name: str = "fedavg"
-    method: str = _opt("fedavg", choices=METHODS)
+    method: str = _opt("fedavg", choices=tuple(METHODS))
     seed: int = _opt(42, lo=0, hi=2**63 - 1)
     num_server_rounds: int = _opt(10, lo=1, hi=100_000)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -179,6 +188,8 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
         value, ok = float(value), True
     if not ok:
         raise ExperimentError(f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+    if tp is float and not math.isfinite(value):
+        raise ExperimentError(f"{key}: got {value!r}; allowed: a finite number")
     if meta.get("choices") and value not in meta["choices"]:
         raise ExperimentError(f"{key}: got {value!r}; allowed: {', '.join(meta['choices'])}")
     lo, hi = meta.get("lo"), meta.get("hi")
@@ -257,14 +268,20 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
 
 
 def _check_across_keys(experiment: Experiment) -> None:
-    p = experiment.pruning
+    p, rounds = experiment.pruning, experiment.num_server_rounds
+    if experiment.method == "magnitude" and p.warmup_rounds >= rounds:
+        raise ExperimentError(f"pruning.warmup_rounds: got {p.warmup_rounds} with num_server_rounds {rounds}; "
+                              f"allowed: < {rounds} (the cut follows the warm-up; the pruned model needs a round)")
+    if experiment.method == "gradual-magnitude" and p.end_round > rounds:
+        raise ExperimentError(f"pruning.end_round: got {p.end_round} with num_server_rounds {rounds}; "
+                              f"allowed: <= {rounds}")
     if p.start_round > p.end_round:
         raise ExperimentError(f"pruning.start_round: got {p.start_round}; allowed: <= pruning.end_round "
                               f"({p.end_round})")
     if experiment.method == "fedlp-hetero" and experiment.model.name != "fedlp-cnn":
         raise ExperimentError(f"model.name: got {experiment.model.name!r} with method fedlp-hetero; allowed: "
                               "fedlp-cnn (the model whose depth levels FedLP-Hetero defines)")
-    if experiment.method not in DENSE_METHODS and p.density == 1.0:
+    if METHODS[experiment.method].masked and p.density == 1.0:
         raise ExperimentError(f"pruning.density: got 1.0 with method {experiment.method!r}; allowed: "
                               "0 < density < 1 (use method fedavg for a dense model)")
     if experiment.sampling.fraction_evaluate > 0 and experiment.partition.val_fraction == 0:

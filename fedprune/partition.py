@@ -49,10 +49,11 @@ def partition_plan(labels: np.ndarray, cfg: PartitionConfig, num_partitions: int
             f"partition.classes_per_partition: got {cfg.classes_per_partition}; the dataset has "
             f"only {len(np.unique(labels))} classes"
         )
+    order = np.arange(len(labels), dtype=np.int64)
+    if cfg.scheme == "iid":  # IidPartitioner cuts contiguous shards: shuffle by the seed first
+        order = numpy_rng(cfg.seed, "iid").permutation(order)
     partitioner = make_partitioner(cfg, num_partitions)
-    partitioner.dataset = Dataset.from_dict(
-        {"label": labels.astype(np.int64), "index": np.arange(len(labels), dtype=np.int64)}
-    )
+    partitioner.dataset = Dataset.from_dict({"label": labels[order].astype(np.int64), "index": order})
     return [np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))
             for i in range(num_partitions)]
 

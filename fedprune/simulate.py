@@ -90,7 +90,7 @@ def stop_local_superlink(env: dict[str, str]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _run_config_arg(run_config: dict[str, object]) -> str:
+def run_config_arg(run_config: dict[str, object]) -> str:
     parts = []
     for key, value in run_config.items():
         if isinstance(value, str) and "'" in value:
@@ -114,7 +114,7 @@ def simulate(run_config: dict[str, object], num_supernodes: int = 10, *, flwr_ho
     """``flwr run . --stream`` with ``run_config``; returns the run's final status and directory."""
     env = flower_env(flwr_home)
     started_here = not _local_superlink_up(env)
-    cmd = ["flwr", "run", ".", "--stream", "--run-config", _run_config_arg(run_config),
+    cmd = ["flwr", "run", ".", "--stream", "--run-config", run_config_arg(run_config),
            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
     run_id, run_dir, lines = None, None, []
     try:
@@ -149,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", default="", help='e.g. "client.lr=0.01 partition.alpha=0.1"')
     parser.add_argument("--run-name", default="")
     parser.add_argument("--output-dir", default=str(APP_ROOT / "outputs"))
+    parser.add_argument("--resume", default="", metavar="RUN_DIR",
+                        help="continue this run directory from its last checkpoint (same experiment)")
     parser.add_argument("--keep-superlink", action="store_true")
     args = parser.parse_args(argv)
     outcome = simulate(
         {"experiment": args.experiment, "num-server-rounds": args.num_server_rounds, "seed": args.seed,
          "overrides": args.overrides, "run-name": args.run_name,
-         "output-dir": str(Path(args.output_dir).resolve())},
+         "output-dir": str(Path(args.output_dir).resolve()),
+         "resume": str(Path(args.resume).resolve()) if args.resume else ""},
         args.num_supernodes, keep_superlink=args.keep_superlink,
     )
     print(f"run {outcome.run_id}: {outcome.status}" + (f" ({outcome.details})" if not outcome.ok else ""))

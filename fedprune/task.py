@@ -34,7 +34,13 @@ def client_data(dataset: DatasetConfig, partition: PartitionConfig, partition_id
                 num_partitions: int):
     """(train_x, train_y, val_x, val_y) of one client, normalized; cached per process."""
     splits = load_dataset(dataset.name, dataset.root)
-    train_idx, val_idx = client_indices(splits.train_y.numpy(), partition, partition_id, num_partitions)
+    try:
+        train_idx, val_idx = client_indices(splits.train_y.numpy(), partition, partition_id, num_partitions)
+    except ValueError as exc:
+        raise ValueError(f"cannot build the partition plan ({partition.scheme}, {num_partitions} partitions of "
+                         f"{len(splits.train_y)} samples): {exc}. Change partition.scheme, partition.alpha, "
+                         "partition.min_partition_size, partition.classes_per_partition or the number of "
+                         "partitions") from exc
     tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return (normalize(splits.train_x[tr], splits.spec), splits.train_y[tr],
             normalize(splits.train_x[va], splits.spec), splits.train_y[va])

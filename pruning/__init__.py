@@ -35,8 +35,17 @@ from .masks import (
     mask_optimizer_state,
     prunable_names,
 )
-from .schedules import cosine_decay, gradual_cubic, one_shot
-from .scores import gradient_scores, magnitude_scores, random_scores, snip_scores, synflow_scores
+from .schedules import cosine_decay, exponential_densities, gradual_cubic, one_shot
+from .scores import (
+    gradient_scores,
+    loss_gradients,
+    magnitude_scores,
+    random_scores,
+    snip_from_gradients,
+    snip_scores,
+    synflow_iterative_masks,
+    synflow_scores,
+)
 from .selection import (
     erk_densities,
     global_topk,
@@ -69,6 +78,7 @@ __all__ = [
     "encoding_sizes",
     "entropy_bound_bits",
     "erk_densities",
+    "exponential_densities",
     "full_masks",
     "global_topk",
     "gradient_scores",
@@ -77,6 +87,7 @@ __all__ = [
     "keep_count",
     "layer_density",
     "layerwise_topk",
+    "loss_gradients",
     "magnitude_scores",
     "mask_gradients",
     "mask_optimizer_state",
@@ -84,7 +95,9 @@ __all__ = [
     "param_counts",
     "prunable_names",
     "random_scores",
+    "snip_from_gradients",
     "snip_scores",
+    "synflow_iterative_masks",
     "synflow_scores",
     "threshold",
     "training_step_memory",

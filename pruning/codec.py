@@ -33,13 +33,16 @@ The payload follows: ``bitmask`` = ``ceil(numel/8)`` mask bytes + values; ``rice
 
 Values of floating tensors travel as ``value_dtype`` (``"float32"``, ``"float16"`` or
 ``"float64"``), except that float16 and bfloat16 tensors always travel in their own dtype.
-``float32`` round trips are bit exact (``-0.0`` and non-finite values included). Non-floating
-tensors (an ``int64`` ``num_batches_tracked``, a ``bool`` mask) always travel ``dense`` in their own
-dtype; a mask given with them is ignored. Positions outside the mask decode as exactly ``+0``.
+``float32`` round trips are bit exact (``-0.0`` and non-finite values included). Integer tensors
+(an ``int64`` ``num_batches_tracked``) always travel ``dense`` in their own dtype; a mask given with
+them is ignored. A ``bool`` tensor (a mask, :func:`encode_mask`) travels as its ``True`` positions
+only (``bitmask`` or ``rice`` with no value bytes) or ``dense``. Positions outside the mask decode as exactly ``+0``.
 Without a mask, a floating tensor's implicit mask is "bit pattern non-zero", so sparse tensors
 still go sparse and ``-0.0`` survives.
 
-Malformed blobs raise :class:`CodecError` (a ``ValueError``) naming what was wrong.
+Malformed blobs raise :class:`CodecError` (a ``ValueError``) naming what was wrong. A receiver can
+check a blob against what it expects before anything is decoded with :func:`inspect`, which reads
+the header and the length only.
 """
 
 from __future__ import annotations
@@ -52,18 +55,22 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BlobInfo",
     "CodecError",
     "ENCODINGS",
     "HEADER_BASE_BYTES",
     "decode",
+    "decode_mask",
     "decode_with_mask",
     "decode_tensors",
     "encode",
+    "encode_mask",
     "encode_tensors",
     "encoded_bits_per_param",
     "encoding_sizes",
     "entropy_bound_bits",
     "header_bytes",
+    "inspect",
 ]
 
 _MAGIC = 0xF1
@@ -144,7 +151,7 @@ class _Plan:
         return torch.empty((), dtype=self.wire).element_size()
 
     def payload_size(self, encoding: str) -> int:
-        values = self.nnz * self.value_size
+        values = 0 if self.dtype == torch.bool else self.nnz * self.value_size
         if encoding == "dense":
             return self.numel * self.value_size
         if encoding == "bitmask":
@@ -207,12 +214,15 @@ def _plan(tensor, mask, value_dtype: str) -> _Plan:
     if len(shape) > 255 or any(s >= 2**32 for s in shape) or t.numel() >= 2**32:
         raise ValueError(f"tensor of shape {shape} is too large for the codec (numel < 2**32)")
     flat = t.reshape(-1)
-    if not t.is_floating_point():
-        if mask is not None:
-            _check_mask(mask, shape)
+    if mask is not None and not t.is_floating_point():
+        _check_mask(mask, shape)
+    if t.dtype == torch.bool:  # a mask: its True positions, no values
+        m, wire = flat, torch.bool
+    elif not t.is_floating_point():
         return _Plan(shape, t.dtype, t.dtype, flat, None, None, 0, 0)
-    wire = t.dtype if t.dtype in (torch.float16, torch.bfloat16) else _VALUE_DTYPES[value_dtype]
-    m = _check_mask(mask, shape) if mask is not None else flat.view(_BITS[t.dtype]) != 0
+    else:
+        wire = t.dtype if t.dtype in (torch.float16, torch.bfloat16) else _VALUE_DTYPES[value_dtype]
+        m = _check_mask(mask, shape) if mask is not None else flat.view(_BITS[t.dtype]) != 0
     positions = torch.nonzero(m).reshape(-1).numpy().astype(np.int64)
     gaps = np.diff(positions, prepend=-1) - 1
     k, unary = _best_rice_k(gaps)
@@ -252,14 +262,16 @@ def _write(plan: _Plan, encoding: str) -> bytes:
         if plan.k:
             shifts = np.arange(plan.k - 1, -1, -1, dtype=np.int64)
             parts.append(np.packbits(((gaps[:, None] >> shifts) & 1).astype(np.uint8)).tobytes())
-    values = plan.flat[torch.from_numpy(plan.positions)].to(plan.wire)
-    parts.append(_value_bytes(values))
+    if plan.dtype != torch.bool:
+        parts.append(_value_bytes(plan.flat[torch.from_numpy(plan.positions)].to(plan.wire)))
     return b"".join(parts)
 
 
 def _candidates(plan: _Plan, receiver_has_mask: bool) -> tuple[str, ...]:
     if plan.mask is None:
         return ("dense",)
+    if plan.dtype == torch.bool:
+        return ("bitmask", "rice", "dense")
     return ("values",) * receiver_has_mask + ("bitmask", "rice", "dense")
 
 
@@ -294,8 +306,9 @@ def encode(tensor, mask=None, *, value_dtype: str = "float32", receiver_has_mask
     plan = _plan(tensor, mask, value_dtype)
     if encoding == "auto":
         encoding = min(_candidates(plan, receiver_has_mask), key=plan.payload_size)
-    elif plan.mask is None and encoding != "dense":
-        raise ValueError(f"{plan.dtype} tensors are always encoded 'dense', not {encoding!r}")
+    elif encoding not in _candidates(plan, mask is not None):
+        raise ValueError(f"{plan.dtype} tensors are encoded {' or '.join(_candidates(plan, False))}, "
+                         f"not {encoding!r}")
     return _write(plan, encoding)
 
 
@@ -303,79 +316,54 @@ def encode(tensor, mask=None, *, value_dtype: str = "float32", receiver_has_mask
 # decoding
 
 
-def _read_values(buf: np.ndarray, n: int, wire: torch.dtype) -> torch.Tensor:
-    bits_dtype = _BITS[wire]
-    arr = buf.view(_NP_LE[bits_dtype])[:n].astype(_NP_LE[bits_dtype].newbyteorder("="))
-    t = torch.from_numpy(arr)
-    if wire == torch.bool:
-        if bool((t > 1).any()):
-            raise CodecError("bool values must be 0 or 1")
-        return t.to(torch.bool)
-    return t.view(wire)
+@dataclass(frozen=True)
+class BlobInfo:
+    """What a blob's header says, checked against the blob's length by :func:`inspect`."""
+
+    encoding: str
+    dtype: torch.dtype
+    """Dtype of the decoded tensor."""
+    wire_dtype: torch.dtype
+    """Dtype of the values on the wire."""
+    shape: tuple[int, ...]
+    nnz: int
+    """Number of values carried (``numel`` for ``dense``)."""
+    k: int
+    """Rice parameter (0 unless ``rice``)."""
+    nbytes: int
+    """Length of the whole blob: header + ``index_bytes`` + ``value_bytes``."""
+    index_bytes: int
+    """Payload bytes encoding positions: the bitmask, or both Rice streams; 0 otherwise."""
+    value_bytes: int
+    """Payload bytes holding the ``nnz`` values."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
-def _decode_rice(payload: np.ndarray, nnz: int, k: int, numel: int) -> np.ndarray:
-    rem_len = -(-nnz * k // 8)
-    unary_len = len(payload) - rem_len
-    if unary_len < 0:
-        raise CodecError("rice payload shorter than its remainder stream")
-    unary, rem = payload[:unary_len], payload[unary_len:]
-    ones = np.flatnonzero(np.unpackbits(unary))
-    if len(ones) != nnz:
-        raise CodecError(f"rice stream holds {len(ones)} positions, header says nnz={nnz}")
-    if nnz == 0:
-        if unary_len:
-            raise CodecError("rice stream has bytes but nnz=0")
-        return np.zeros(0, dtype=np.int64)
-    if ones[-1] // 8 != unary_len - 1:
-        raise CodecError("rice unary stream has trailing bytes (truncated or corrupt blob)")
-    gaps = np.diff(ones, prepend=-1) - 1
-    if k:
-        rbits = np.unpackbits(rem)
-        if rbits[nnz * k:].any():
-            raise CodecError("rice remainder stream has non-zero padding")
-        weights = np.left_shift(1, np.arange(k - 1, -1, -1, dtype=np.int64))
-        gaps = (gaps << k) | (rbits[: nnz * k].reshape(nnz, k).astype(np.int64) @ weights)
-    positions = np.cumsum(gaps + 1) - 1
-    if positions[-1] >= numel:
-        raise CodecError(f"rice position {positions[-1]} out of range for numel={numel}")
-    return positions
-
-
-def decode(blob, mask=None, *, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Decode a blob from :func:`encode` into a CPU tensor of the original shape and dtype.
-
-    ``mask`` is required for the ``values`` encoding; for the others it is optional and, when
-    given, must match the shape (and for ``bitmask``/``rice`` the positions) carried in the blob.
-    ``shape``, when given, must equal the shape in the header; it is checked before anything is
-    allocated, so a receiver that knows what to expect cannot be made to allocate more.
-    Raises :class:`CodecError` on any inconsistency. There is no checksum: a flipped bit inside the
-    values goes unnoticed (transport integrity is the transport's job).
-    """
-    return _decode(blob, mask, shape)[0]
-
-
-def decode_with_mask(blob, mask=None, *, shape: tuple[int, ...] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`decode`, plus the mask the blob carries: its kept positions for ``bitmask`` and
-    ``rice``, ``mask`` itself for ``values``, ``None`` for ``dense`` (which carries no mask)."""
-    out, positions = _decode(blob, mask, shape)
-    if positions is None:
-        return out, None
-    carried = torch.zeros(out.numel(), dtype=torch.bool)
-    carried[positions] = True
-    return out, carried.reshape(out.shape)
-
-
-def _decode(blob, mask, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _as_buffer(blob) -> np.ndarray:
     if isinstance(blob, np.ndarray):
         if blob.dtype != np.uint8 or blob.ndim != 1:
             raise CodecError(f"blob array must be 1-D uint8, got {blob.dtype} with ndim {blob.ndim}")
-        buf = blob
-    elif isinstance(blob, (bytes, bytearray, memoryview)):
-        buf = np.frombuffer(blob, dtype=np.uint8)
-    else:
-        raise CodecError(f"blob must be bytes or a uint8 array, got {type(blob).__name__}")
+        return blob
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        return np.frombuffer(blob, dtype=np.uint8)
+    raise CodecError(f"blob must be bytes or a uint8 array, got {type(blob).__name__}")
+
+
+def inspect(blob, *, shape: tuple[int, ...] | None = None,
+            expect_dtype: torch.dtype | None = None) -> BlobInfo:
+    """Read a blob's header and check it against the blob's length; nothing is decoded.
+
+    Raises :class:`CodecError` on everything the header and the length alone refute: bad magic,
+    unknown ids, an invalid dtype pair, a truncated header, ``numel >= 2**32``, ``nnz`` above
+    ``numel`` (or other than it for ``dense``), a payload length the encoding cannot have. ``shape``
+    and ``expect_dtype``, when given, must equal the header's, and are checked first. Memory use is
+    O(ndim), whatever the header claims. The positions themselves (padding bits, range, agreement
+    with a given mask) are checked by :func:`decode`.
+    """
+    buf = _as_buffer(blob)
     if len(buf) < HEADER_BASE_BYTES:
         raise CodecError(f"blob of {len(buf)} bytes is shorter than the {HEADER_BASE_BYTES}-byte header")
     magic, enc_k, dtypes, ndim = (int(b) for b in buf[:4])
@@ -394,7 +382,7 @@ def _decode(blob, mask, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
     if dtype.is_floating_point:
         ok = wire == dtype if dtype in (torch.float16, torch.bfloat16) else wire in _VALUE_DTYPES.values()
     else:
-        ok = wire == dtype and encoding == "dense"
+        ok = wire == dtype and (encoding == "dense" or (dtype == torch.bool and encoding != "values"))
     if not ok:
         raise CodecError(f"invalid dtype pair: tensor {dtype}, wire {wire}, encoding {encoding!r}")
     head = header_bytes(ndim)
@@ -404,58 +392,150 @@ def _decode(blob, mask, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
     nnz, header_shape = int(fields[0]), tuple(int(s) for s in fields[1:])
     if shape is not None and tuple(shape) != header_shape:
         raise CodecError(f"blob holds shape {header_shape}, expected {tuple(shape)}")
-    shape = header_shape
-    numel = math.prod(shape)
+    if expect_dtype is not None and dtype != expect_dtype:
+        raise CodecError(f"blob holds dtype {dtype}, expected {expect_dtype}")
+    numel = math.prod(header_shape)
     if numel >= 2**32:
-        raise CodecError(f"shape {shape} exceeds the codec limit (numel < 2**32)")
+        raise CodecError(f"shape {header_shape} exceeds the codec limit (numel < 2**32)")
     if nnz > numel or (encoding == "dense" and nnz != numel):
-        raise CodecError(f"nnz={nnz} inconsistent with shape {shape} and encoding {encoding!r}")
+        raise CodecError(f"nnz={nnz} inconsistent with shape {header_shape} and encoding {encoding!r}")
+    value_bytes = 0 if dtype == torch.bool and encoding != "dense" else nnz * wire.itemsize
+    index_bytes = len(buf) - head - value_bytes
+    if encoding == "bitmask":
+        lo = hi = -(-numel // 8)
+    elif encoding == "rice":
+        # unary: nnz ones and at most (numel - nnz) >> k zeros (the gaps sum to <= numel - nnz)
+        max_unary_bits = nnz + ((numel - nnz) >> k) if nnz else 0
+        rem = -(-nnz * k // 8)
+        lo, hi = -(-nnz // 8) + rem, -(-max_unary_bits // 8) + rem
+    else:
+        lo = hi = 0
+    if not lo <= index_bytes <= hi:
+        need = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        raise CodecError(f"{encoding} payload is {len(buf) - head} bytes, expected {need} index "
+                         f"bytes + {value_bytes} for {nnz} values of {wire}")
+    return BlobInfo(encoding, dtype, wire, header_shape, nnz, k, len(buf), index_bytes, value_bytes)
+
+
+def _read_values(buf: np.ndarray, n: int, wire: torch.dtype) -> torch.Tensor:
+    bits_dtype = _BITS[wire]
+    arr = buf.view(_NP_LE[bits_dtype])[:n].astype(_NP_LE[bits_dtype].newbyteorder("="))
+    t = torch.from_numpy(arr)
+    if wire == torch.bool:
+        if bool((t > 1).any()):
+            raise CodecError("bool values must be 0 or 1")
+        return t.to(torch.bool)
+    return t.view(wire)
+
+
+def _decode_rice(index: np.ndarray, info: BlobInfo) -> np.ndarray:
+    """Kept positions from the two Rice streams, whose lengths :func:`inspect` has bounded."""
+    nnz, k = info.nnz, info.k
+    if nnz == 0:
+        return np.zeros(0, dtype=np.int64)
+    unary_len = len(index) - -(-nnz * k // 8)
+    unary, rem = index[:unary_len], index[unary_len:]
+    bits = np.unpackbits(unary)
+    if (count := np.count_nonzero(bits)) != nnz:
+        raise CodecError(f"rice stream holds {count} positions, header says nnz={nnz}")
+    ones = np.flatnonzero(bits)
+    if ones[-1] // 8 != unary_len - 1:
+        raise CodecError("rice unary stream has trailing bytes (truncated or corrupt blob)")
+    gaps = np.diff(ones, prepend=-1) - 1
+    if k:
+        rbits = np.unpackbits(rem)
+        if rbits[nnz * k:].any():
+            raise CodecError("rice remainder stream has non-zero padding")
+        weights = np.left_shift(1, np.arange(k - 1, -1, -1, dtype=np.int64))
+        gaps = (gaps << k) | (rbits[: nnz * k].reshape(nnz, k).astype(np.int64) @ weights)
+    positions = np.cumsum(gaps + 1) - 1
+    if positions[-1] >= info.numel:
+        raise CodecError(f"rice position {positions[-1]} out of range for numel={info.numel}")
+    return positions
+
+
+def decode(blob, mask=None, *, shape: tuple[int, ...] | None = None,
+           expect_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode a blob from :func:`encode` into a CPU tensor of the original shape and dtype.
+
+    ``mask`` is required for the ``values`` encoding; for the others it is optional and, when
+    given, must match the shape (and for ``bitmask``/``rice`` the positions) carried in the blob.
+    ``shape`` and ``expect_dtype``, when given, must equal the header's; like every check of the
+    header against the blob's length (:func:`inspect`), they are made before anything is
+    allocated, so decoding needs O(``len(blob)`` + ``numel`` of ``shape``) memory. Without
+    ``shape`` the header's shape is trusted: an all-zero tensor of any size is a valid 12-byte
+    ``rice`` blob. Raises :class:`CodecError` on any inconsistency. There is no checksum: a flipped
+    bit inside the values goes unnoticed (transport integrity is the transport's job).
+    """
+    return _decode(blob, mask, shape, expect_dtype)[0]
+
+
+def decode_with_mask(blob, mask=None, *, shape: tuple[int, ...] | None = None,
+                     expect_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`decode`, plus the mask the blob carries: its kept positions for ``bitmask`` and
+    ``rice``, ``mask`` itself for ``values``, ``None`` for ``dense`` (which carries no mask)."""
+    out, positions = _decode(blob, mask, shape, expect_dtype)
+    if positions is None:
+        return out, None
+    carried = torch.zeros(out.numel(), dtype=torch.bool)
+    carried[positions] = True
+    return out, carried.reshape(out.shape)
+
+
+def _decode(blob, mask, shape, expect_dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    buf = _as_buffer(blob)
+    info = inspect(buf, shape=shape, expect_dtype=expect_dtype)
+    shape, numel, nnz, wire = info.shape, info.numel, info.nnz, info.wire_dtype
     flat_mask = _check_mask(mask, shape, CodecError) if mask is not None else None
-    payload = buf[head:]
-    vsize = torch.empty((), dtype=wire).element_size()
-    vlen = nnz * vsize
-
-    def expect(n: int, what: str) -> None:
-        if len(payload) != n:
-            raise CodecError(f"{encoding} payload is {len(payload)} bytes, expected {n} ({what})")
-
-    if encoding == "dense":
-        expect(vlen, f"{numel} values of {wire}")
-        out = _read_values(payload, numel, wire).to(dtype)
+    values_at = len(buf) - info.value_bytes
+    index, values = buf[values_at - info.index_bytes:values_at], buf[values_at:]
+    if info.encoding == "dense":
+        out = _read_values(values, numel, wire).to(info.dtype)
         if flat_mask is not None:
             out = out.masked_fill(~flat_mask, 0)
         return out.reshape(shape), None
-    if encoding == "values":
+    if info.encoding == "values":
         if flat_mask is None:
             raise CodecError("the 'values' encoding needs the receiver's mask to decode")
-        expect(vlen, f"{nnz} values of {wire}")
         positions = torch.nonzero(flat_mask).reshape(-1)
         if len(positions) != nnz:
             raise CodecError(f"mask keeps {len(positions)} positions, blob carries {nnz} values")
     else:
-        if len(payload) < vlen:
-            raise CodecError(f"{encoding} payload of {len(payload)} bytes cannot hold {nnz} values")
-        index_part, payload = payload[: len(payload) - vlen], payload[len(payload) - vlen:]
-        if encoding == "bitmask":
-            mlen = -(-numel // 8)
-            if len(index_part) != mlen:
-                raise CodecError(f"bitmask is {len(index_part)} bytes, expected {mlen} for numel={numel}")
-            bits = np.unpackbits(index_part)
+        if info.encoding == "bitmask":
+            bits = np.unpackbits(index)
             if bits[numel:].any():
                 raise CodecError("bitmask has non-zero padding bits")
             pos = np.flatnonzero(bits[:numel])
             if len(pos) != nnz:
                 raise CodecError(f"bitmask keeps {len(pos)} positions, header says nnz={nnz}")
         else:
-            pos = _decode_rice(index_part, nnz, k, numel)
+            pos = _decode_rice(index, info)
         positions = torch.from_numpy(pos.astype(np.int64))
         if flat_mask is not None:
             given = torch.nonzero(flat_mask).reshape(-1)
             if not torch.equal(given, positions):
                 raise CodecError("the given mask differs from the mask carried in the blob")
-    out = torch.zeros(numel, dtype=dtype)
-    out[positions] = _read_values(payload, nnz, wire).to(dtype)
+    out = torch.zeros(numel, dtype=info.dtype)
+    out[positions] = True if info.dtype == torch.bool else _read_values(values, nnz, wire).to(info.dtype)
     return out.reshape(shape), positions
+
+
+def encode_mask(mask) -> bytes:
+    """A bool mask as its kept positions only: the smaller of a bitmask and Rice-coded gaps."""
+    mask = _as_tensor(mask)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    plan = _plan(mask, None, "float32")
+    return _write(plan, min(("bitmask", "rice"), key=plan.payload_size))
+
+
+def decode_mask(blob, *, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The bool mask of a blob from :func:`encode_mask` (checked like :func:`decode`)."""
+    info = inspect(blob, shape=shape, expect_dtype=torch.bool)
+    if info.encoding not in ("bitmask", "rice"):
+        raise CodecError(f"a mask blob must be 'bitmask' or 'rice', got {info.encoding!r}")
+    return decode(blob, shape=shape, expect_dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_decay", "gradual_cubic", "one_shot"]
+__all__ = ["cosine_decay", "exponential_densities", "gradual_cubic", "one_shot"]
 
 
 def _check_density(d: float, what: str) -> None:
@@ -41,6 +41,19 @@ def gradual_cubic(t: int, t0: int, n: int, dt: int, initial: float, final: float
         return initial
     j = min(n, (t - t0) // dt)
     return final + (initial - final) * (1.0 - j / n) ** 3
+
+
+def exponential_densities(density: float, iterations: int) -> list[float]:
+    """The exponential schedule of iterative SynFlow (Tanaka et al. 2020): ``density ** (j / n)`` for
+    ``j = 1..n`` (``n = iterations``).
+
+    Every iteration keeps the same fraction ``density ** (1 / n)`` of what the previous one kept; the
+    last density is ``density`` itself.
+    """
+    _check_density(density, "density")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    return [density ** (j / iterations) for j in range(1, iterations + 1)]
 
 
 def cosine_decay(t: float, alpha: float, t_end: float) -> float:

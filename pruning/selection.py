@@ -48,11 +48,12 @@ def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
 
 
 def _top_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool vector marking the ``k`` largest entries, ties to the lower index."""
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k:
-        order = torch.sort(flat, descending=True, stable=True).indices
-        keep[order[:k]] = True
+    """Bool vector marking the ``k`` largest entries, ties to the lower index (linear time)."""
+    if k == 0:
+        return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    kth = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest value
+    keep = flat > kth
+    keep[torch.nonzero(flat == kth).squeeze(1)[: k - int(keep.sum())]] = True
     return keep
 
 

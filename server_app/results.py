@@ -1,13 +1,16 @@
-"""A run's directory: config.yaml, rounds.jsonl, summary.json, plots, the final model.
+"""A run's directory: config.yaml, rounds.jsonl, checkpoint.pt, summary.json, plots, the final model.
 
 ``outputs/<run-name>/`` by default. rounds.jsonl gets one JSON object per round as the round ends
-(round 0 is the initial model); the console gets one line per round.
+(round 0 is the initial model); the console gets one line per round. checkpoint.pt holds the
+strategy's whole state after the last finished round, replaced atomically; :meth:`RunWriter.resume`
+continues a run from it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from logging import INFO
 from pathlib import Path
 
@@ -17,8 +20,19 @@ from flwr.common.logger import log
 
 from fedprune.experiment import Experiment
 
-SUMMED = ("bytes_down", "bytes_up", "eval_bytes_down", "eval_bytes_up", "rejected_replies", "failed_replies",
-          "train_flops")
+SUMMED = ("rejected_replies", "failed_replies", "train_flops")
+"""Round fields summed into the summary, besides every ``bytes_*`` field."""
+CHECKPOINT = "checkpoint.pt"
+
+
+class ResumeError(ValueError):
+    """A run directory that cannot be resumed with this experiment; says why."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def _mb(n: float) -> str:
@@ -28,16 +42,50 @@ def _mb(n: float) -> str:
 class RunWriter:
     """Writes what a user reads after a run, as the run goes."""
 
-    def __init__(self, directory: Path, experiment: Experiment) -> None:
+    def __init__(self, directory: Path, experiment: Experiment, records: list[dict] | None = None) -> None:
         self.dir = directory
         self.experiment = experiment
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         self.rounds_file = self.dir / "rounds.jsonl"
-        self.rounds_file.write_text("")
-        self.records: list[dict] = []
+        self.records: list[dict] = list(records or [])
+        _atomic_write(self.rounds_file, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
         log(INFO, "fedprune: %s (%s, seed %d) -> %s", experiment.name, experiment.method,
             experiment.seed, self.dir)
+
+    @classmethod
+    def resume(cls, directory: Path, experiment: Experiment) -> tuple[RunWriter, dict]:
+        """The writer of an interrupted run and its last checkpoint (rounds after it are dropped).
+
+        The experiment must be the run's own; only ``num_server_rounds`` may differ (not below the
+        checkpoint's round)."""
+        checkpoint = directory / CHECKPOINT
+        if not checkpoint.is_file():
+            raise ResumeError(f"resume: {directory} has no {CHECKPOINT} (a run writes one after each round)")
+        before = yaml.safe_load((directory / "config.yaml").read_text())
+        now = experiment.to_dict()
+        changed = sorted(k for k in set(before) | set(now) if k != "num_server_rounds" and before.get(k) != now.get(k))
+        if changed:
+            raise ResumeError(f"resume: the experiment differs from the run's in {', '.join(changed)}; "
+                              "resume with the same experiment (only num_server_rounds may change)")
+        state = torch.load(checkpoint, weights_only=True)
+        if state["round"] > experiment.num_server_rounds:
+            raise ResumeError(f"resume: the checkpoint is at round {state['round']}, beyond num_server_rounds "
+                              f"{experiment.num_server_rounds}")
+        records = [json.loads(line) for line in (directory / "rounds.jsonl").read_text().splitlines() if line]
+        log(INFO, "fedprune: resuming %s after round %d", directory, state["round"])
+        return cls(directory, experiment, [r for r in records if r["round"] <= state["round"]]), state
+
+    def checkpoint(self, state: dict) -> None:
+        """Replace the run's checkpoint with ``state`` (atomically: a kill leaves the old or the new one)."""
+        _atomic_write(self.dir / CHECKPOINT, lambda p: torch.save(state, p))
+
+    def fail(self, reason: str) -> None:
+        """Record in summary.json that the run failed, and why."""
+        summary = {"name": self.experiment.name, "method": self.experiment.method, "seed": self.experiment.seed,
+                   "status": "failed", "error": reason,
+                   "rounds": self.records[-1]["round"] if self.records else None}
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def record_round(self, record: dict) -> None:
         self.records.append(record)
@@ -52,10 +100,11 @@ class RunWriter:
         last = self.records[-1]
         summary = {
             "name": self.experiment.name, "method": self.experiment.method, "seed": self.experiment.seed,
-            "rounds": last["round"],
+            "status": "completed", "rounds": last["round"],
             "final_test_accuracy": last.get("test_accuracy"), "final_test_loss": last.get("test_loss"),
             "best_test_accuracy": max(r.get("test_accuracy", -1.0) for r in self.records),
-            **{f"total_{k}": sum(int(r.get(k, 0)) for r in self.records) for k in SUMMED},
+            **{f"total_{k}": sum(int(r.get(k, 0)) for r in self.records)
+               for k in (*sorted({k for r in self.records for k in r if k.startswith("bytes_")}), *SUMMED)},
             "final_density": last.get("density", 1.0),
             "max_client_peak_memory": max((r.get("train_peak_memory", 0) for r in self.records), default=0),
             "wall_seconds": last["wall_seconds"],
@@ -84,7 +133,7 @@ def plot_run(records: list[dict], directory: Path, title: str) -> None:
         total += r["bytes_down"] + r["bytes_up"]
         cumulative.append(total / 1e6)
     for name, xs, xlabel in (("accuracy_vs_round", rounds, "round"),
-                             ("accuracy_vs_bytes", cumulative, "cumulative MB (down + up)")):
+                             ("accuracy_vs_bytes", cumulative, "cumulative MB, all messages (down + up)")):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(xs, acc, marker="o")
         ax.set_xlabel(xlabel)

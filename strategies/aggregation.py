@@ -23,17 +23,22 @@ def masked_average(arrays: Sequence[Mapping[str, np.ndarray]], coverage: Sequenc
         raise ValueError(f"masked_average: weights must be > 0, got {list(weights)}")
     out = {}
     for name, prev in previous.items():
+        # the mean of finite values lies within their range, so it fits the dtype (up to rounding
+        # at the float32 limit, which the caller checks)
         num = np.zeros(prev.shape, dtype=np.float64)
         den = np.zeros(prev.shape, dtype=np.float64)
         for client, cover, w in zip(arrays, coverage, weights):
             if name not in client:
                 continue
             kept = cover.get(name)
+            # float64 before the product: a float32 array times a Python float stays float32
+            # (NEP 50) and can overflow to inf although every value is finite
+            values = client[name].astype(np.float64)
             if kept is None:
-                num += float(w) * client[name]
+                num += float(w) * values
                 den += float(w)
             else:
-                num += float(w) * np.where(kept, client[name], 0.0)
+                num += float(w) * np.where(kept, values, 0.0)
                 den += float(w) * kept
         avg = np.where(den > 0, num / np.where(den > 0, den, 1.0), prev)
         # np.asarray: np.rint of a 0-d array (num_batches_tracked) is a numpy scalar, not an array

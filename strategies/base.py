@@ -1,23 +1,29 @@
-"""The base strategy: Flower's FedAvg made sparse-aware, reproducible and accountable.
+"""The base strategy: Flower's FedAvg made sparse-aware, reproducible, accountable and hard to break.
 
 What it adds to :class:`flwr.serverapp.strategy.FedAvg`:
 
-* a global mask (``None`` while dense): weights travel through the pruning codec
-  (strategies/transport.py) as kept values only to nodes that hold the current mask, with the
-  mask to those that do not; per-node payloads;
-* mask-aware averaging: every coordinate over the clients that kept it; coordinates nobody sent
-  keep their value; then the method's server-side hook (:meth:`after_aggregate`);
-* a preparation phase before round 1 (:meth:`prepare`, e.g. SNIP's scoring round);
-
-* node discovery: before a node is first sampled it is asked (message ``query.describe``) for its
-  ``partition-id`` and data sizes, so sampling and aggregation order depend on partitions, not on
-  Flower's random node ids, and a run repeats exactly under the same seed;
-* sampling from ``numpy_rng(seed, "sample-train", round)``; a node that left is not waited for;
-* validation of every reply (strategies/validation.py): a bad one is dropped and logged with the
-  node id and the reason, counted in the round's ``rejected_replies``, and never touches the model;
-* a weighted average that keeps dtypes, over replies sorted by partition id;
-* its own round loop (:meth:`start`), which meters the bytes of every message (strategies/ledger.py)
-  and hands one record per round to ``on_round``.
+* a global mask (``None`` while dense): masked tensors travel as kept values only, and the mask
+  (its own ``mask`` record) goes to exactly the nodes that lack its current version; a node that
+  lost it (a restart) says so (``STATE_LOST``) and gets it again in the same round;
+* mask-aware averaging in float64 (strategies/aggregation.py): every coordinate over the clients
+  that kept it; then the method's server-side hook (:meth:`after_round`), called every round, also
+  after a round without an accepted reply, so a cut that is due is never skipped;
+* protocol phases (:meth:`run_phase`): a query of a named type to chosen nodes with per-node
+  content, every reply validated by a given checker, accepted results in partition order, the
+  traffic booked under the phase's name; :meth:`prepare` runs phases before round 1;
+* node discovery: a node is asked (phase ``describe``) for its partition before it is first
+  sampled, so sampling and aggregation order depend on partitions, not on Flower's random node
+  ids. A node whose describe fails, that claims a partition another connected node holds, or
+  another number of partitions is refused with the reason, and counted;
+* sampling from ``numpy_rng(seed, "sample-<purpose>", round)``; a round waits at most
+  ``sampling.node_wait_seconds`` for enough usable nodes, then the run stops with an error
+  (:class:`RunFailed`) that says why; so does a run in which no training reply was accepted;
+* validation of every reply before it is used (fedprune/protocol.py for tensors,
+  strategies/validation.py for metrics): a bad one is dropped and logged with the node id and the
+  reason, counted in the round's ``rejected_replies``, and never touches the model;
+* its own round loop (:meth:`start`), which meters the bytes of every message by purpose
+  (strategies/ledger.py), hands one record per round to ``on_round`` and the strategy's whole
+  state to ``on_checkpoint``; a run resumes from such a state (``resume=``).
 """
 
 from __future__ import annotations
@@ -28,21 +34,26 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedprune.experiment import SamplingConfig
+from fedprune import protocol
+from fedprune.experiment import Experiment
 from fedprune.seeding import numpy_rng
 from pruning.codec import CodecError
 from strategies.aggregation import masked_average
 from strategies.ledger import MeteredGrid
-from strategies.transport import pack, unpack
-from strategies.validation import InvalidReply, check_arrays, check_num_examples
+from strategies.validation import (EVALUATE_METRICS, TRAIN_METRICS, InvalidReply, aggregate_metrics,
+                                   check_int, check_metrics, check_num_examples)
 
-DESCRIBE = "query.describe"
-NODE_WAIT_SECONDS = 1.0
+NODE_POLL_SECONDS = 1.0
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message says why and what to change."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class NodeInfo:
     """What a node said about itself when it joined."""
 
     partition_id: int
+    num_partitions: int
     num_train: int
     num_val: int
 
@@ -68,32 +80,32 @@ class FedPruneStrategy(FedAvg):
     """FedAvg with a global mask, deterministic sampling, validated replies and a byte ledger.
 
     Without a mask (``self.masks is None``) it is dense FedAvg. Methods subclass it and add only
-    what the method adds: :meth:`prepare` before round 1, :meth:`after_aggregate` after each
-    aggregation, :meth:`node_config` for per-node knobs.
+    what the method adds: :meth:`prepare` before round 1, :meth:`after_round` after each
+    aggregation, :meth:`node_config` for per-node knobs, :meth:`method_state` /
+    :meth:`load_method_state` for what a checkpoint must keep.
     """
 
-    def __init__(self, *, seed: int, sampling: SamplingConfig, maskable: Iterable[str] = (),
-                 value_dtype: str = "float32", weighted: bool = True,
-                 describe_timeout: float = 600.0) -> None:
-        super().__init__(
-            fraction_train=sampling.fraction_train,
-            fraction_evaluate=sampling.fraction_evaluate,
-            min_train_nodes=sampling.min_train_nodes,
-            min_evaluate_nodes=sampling.min_evaluate_nodes,
-            min_available_nodes=sampling.min_available_nodes,
-        )
-        self.seed = seed
-        self.describe_timeout = describe_timeout
+    def __init__(self, experiment: Experiment, *, maskable: Iterable[str] = (), weighted: bool = True) -> None:
+        s = experiment.sampling
+        super().__init__(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+                         min_train_nodes=s.min_train_nodes, min_evaluate_nodes=s.min_evaluate_nodes,
+                         min_available_nodes=s.min_available_nodes)
+        self.experiment = experiment
+        self.seed = experiment.seed
+        self.node_wait_seconds = s.node_wait_seconds
+        self.reply_timeout = 3600.0
         self.maskable = frozenset(maskable)
-        self.value_dtype = value_dtype
+        self.value_dtype = experiment.transport.value_dtype
         self.weighted = weighted
         self.nodes: dict[int, NodeInfo] = {}
+        self.refused: dict[int, str] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.round_stats: dict[str, float] = {}
         self.masks: dict[str, np.ndarray] | None = None
         self.mask_version = 0
         self.node_mask_version: dict[int, int] = {}
-        self._payloads: dict[bool, ArrayRecord] = {}
+        self.trained_rounds = 0
+        self._payloads: dict[str, ArrayRecord] = {}
 
     # ------------------------------------------------------------------ the mask
 
@@ -116,68 +128,103 @@ class FedPruneStrategy(FedAvg):
             return 1.0
         return sum(int(m.sum()) for m in self.masks.values()) / sum(m.size for m in self.masks.values())
 
-    def payload(self, node_id: int) -> tuple[ArrayRecord, bool]:
-        """The encoded global weights for a node, and whether they carry the mask."""
-        has_mask = self.masks is not None and self.node_mask_version.get(node_id) == self.mask_version
-        if has_mask not in self._payloads:
-            self._payloads[has_mask] = pack(self.global_arrays, self.masks, receiver_has_mask=has_mask,
-                                            value_dtype=self.value_dtype)
-        return self._payloads[has_mask], self.masks is not None and not has_mask
+    def holds_mask(self, node_id: int) -> bool:
+        return self.masks is None or self.node_mask_version.get(node_id) == self.mask_version
+
+    def payload(self, node_id: int) -> RecordDict:
+        """The node's share of a message: the encoded global weights, and the mask if it lacks it."""
+        if "arrays" not in self._payloads:
+            self._payloads["arrays"] = protocol.pack(self.global_arrays, self.masks, value_dtype=self.value_dtype)
+        content = {protocol.ARRAYS: self._payloads["arrays"]}
+        if not self.holds_mask(node_id):
+            if "mask" not in self._payloads:
+                self._payloads["mask"] = protocol.pack_masks(self.masks)
+            content[protocol.MASK] = self._payloads["mask"]
+        return RecordDict(content)
 
     # ------------------------------------------------------------------ discovery and sampling
 
-    def _available(self, grid: Grid, minimum: int) -> list[int]:
-        """Connected nodes, once at least ``minimum`` are there; described nodes only."""
-        while len(ids := sorted(grid.get_node_ids())) < minimum:
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(ids), minimum)
-            time.sleep(NODE_WAIT_SECONDS)
-        self._describe(grid, [n for n in ids if n not in self.nodes])
-        return sorted((n for n in ids if n in self.nodes), key=lambda n: self.nodes[n].partition_id)
+    def _discover(self, grid: Grid) -> list[int]:
+        """Describe newly connected nodes; the usable ones (connected, described), by partition."""
+        connected = set(grid.get_node_ids())
+        for gone in set(self.nodes) - connected:
+            del self.nodes[gone]
+            self.node_mask_version.pop(gone, None)
+        self.refused = {n: why for n, why in self.refused.items() if n in connected}
+        new = sorted(connected - set(self.nodes) - set(self.refused))
+        if new:
+            outcome = self.run_phase(grid, protocol.DESCRIBE, new, lambda n: RecordDict({}), self._check_describe,
+                                     refuse=True)
+            for node, info in outcome:
+                taken = {i.partition_id: n for n, i in self.nodes.items()}
+                nums = {i.num_partitions for i in self.nodes.values()}
+                if info.partition_id in taken:
+                    why = f"partition-id {info.partition_id} is already held by node {taken[info.partition_id]}"
+                elif nums and info.num_partitions not in nums:
+                    why = f"num-partitions {info.num_partitions} differs from the federation's {nums.pop()}"
+                else:
+                    self.nodes[node] = info
+                    continue
+                self.refuse(node, why)
+        return sorted((n for n in connected if n in self.nodes), key=lambda n: self.nodes[n].partition_id)
 
-    def _describe(self, grid: Grid, node_ids: list[int]) -> None:
-        if not node_ids:
-            return
-        msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=DESCRIBE)
-                for n in node_ids]
-        for reply in grid.send_and_receive(msgs, timeout=self.describe_timeout):
-            node = reply.metadata.src_node_id
-            try:
-                if reply.has_error():
-                    raise InvalidReply(reply.error.reason)
-                m = reply.content["metrics"]
-                info = NodeInfo(int(m["partition-id"]), int(m["num-train"]), int(m["num-val"]))
-            except (InvalidReply, KeyError, TypeError, ValueError) as exc:
-                log(WARNING, "Node %d did not describe itself (%s); it will not be sampled", node, exc)
-                continue
-            self.nodes[node] = info
+    def refuse(self, node: int, why: str) -> None:
+        self.refused[node] = why
+        log(WARNING, "Node %d is refused and will not be sampled: %s", node, why)
+
+    def _check_describe(self, msg: Message) -> NodeInfo:
+        num = check_int(msg, protocol.NUM_PARTITIONS, 1, 10**9)
+        return NodeInfo(check_int(msg, protocol.PARTITION_ID, 0, num - 1), num,
+                        check_int(msg, protocol.NUM_TRAIN, 1, 10**9), check_int(msg, protocol.NUM_VAL, 0, 10**9))
+
+    def _available(self, grid: Grid, minimum: int, server_round: int) -> list[int]:
+        """Usable nodes, once at least ``minimum`` are there.
+
+        Waits while fewer than ``minimum`` nodes are connected, at most ``node_wait_seconds``; stops
+        the run at once when enough are connected but too many were refused.
+        """
+        deadline = time.monotonic() + self.node_wait_seconds
+        while True:
+            usable = self._discover(grid)
+            if len(usable) >= minimum:
+                return usable
+            connected = len(grid.get_node_ids())
+            if connected >= minimum or time.monotonic() >= deadline:
+                reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(self.refused.items())[:5])
+                raise RunFailed(
+                    f"round {server_round}: {len(usable)} usable nodes, {minimum} required "
+                    f"({connected} connected, {len(self.refused)} refused{': ' + reasons if reasons else ''}"
+                    f"{'' if connected >= minimum else f'; waited {self.node_wait_seconds:.0f} s'}). "
+                    "Fix the refused nodes, start more nodes, or lower sampling.min_available_nodes / "
+                    "min_train_nodes / min_evaluate_nodes (sampling.node_wait_seconds sets the wait).")
+            log(INFO, "Waiting for nodes: %d usable, %d required", len(usable), minimum)
+            time.sleep(NODE_POLL_SECONDS)
 
     def sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int, purpose: str) -> list[int]:
         """Nodes for this round, drawn from the run seed; ordered by partition id."""
         if fraction == 0.0:
             return []
-        available = self._available(grid, self.min_available_nodes)
+        available = self._available(grid, max(self.min_available_nodes, min_nodes), server_round)
         k = min(max(int(len(available) * fraction), min_nodes), len(available))
         chosen = numpy_rng(self.seed, purpose, server_round).choice(len(available), size=k, replace=False)
         return [available[i] for i in sorted(chosen)]
 
-    # ------------------------------------------------------------------ messages
+    # ------------------------------------------------------------------ messages and phases
 
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """The config one node gets; methods add their knobs here."""
-        return ConfigRecord({**dict(config), "server-round": server_round, "mask-version": self.mask_version,
-                             "value-dtype": self.value_dtype})
+        return ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round,
+                             protocol.MASK_VERSION: self.mask_version, protocol.VALUE_DTYPE: self.value_dtype})
+
+    def model_message(self, server_round: int, node: int, config: ConfigRecord, message_type: str) -> Message:
+        """A message with the node's payload (weights, + mask when it lacks it) and its config."""
+        content = self.payload(node)
+        content[protocol.CONFIG] = self.node_config(server_round, node, config)
+        return Message(content, dst_node_id=node, message_type=message_type)
 
     def instructions(self, server_round: int, nodes: list[int], config: ConfigRecord,
                      message_type: str) -> list[Message]:
-        """One message per node: its encoded weights (+ mask when it lacks it) and its config."""
-        msgs = []
-        for node in nodes:
-            arrays, mask_sent = self.payload(node)
-            cfg = self.node_config(server_round, node, config)
-            cfg["mask-sent"] = mask_sent
-            msgs.append(Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=node,
-                                message_type=message_type))
-        return msgs
+        return [self.model_message(server_round, n, config, message_type) for n in nodes]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -190,128 +237,196 @@ class FedPruneStrategy(FedAvg):
                             "sample-evaluate")
         return self.instructions(server_round, nodes, config, MessageType.EVALUATE)
 
-    def accept(self, replies: Iterable[Message], check: Callable[[Message], object]) -> list[tuple[Message, object]]:
+    def exchange(self, grid: Grid, messages: list[Message], server_round: int, config: ConfigRecord) -> list[Message]:
+        """Send and receive; a node that lost its mask (``STATE_LOST``) gets it again, once."""
+        replies = list(grid.send_and_receive(messages, timeout=self.reply_timeout))
+        lost = {r.metadata.src_node_id for r in replies if r.has_error() and r.error.code == protocol.STATE_LOST}
+        if not lost:
+            return replies
+        kind = {m.metadata.dst_node_id: m.metadata.message_type for m in messages}
+        for node in sorted(lost):
+            log(WARNING, "Node %d lost its state; sending it the mask again", node)
+            self.node_mask_version.pop(node, None)
+        retry = [self.model_message(server_round, n, config, kind[n]) for n in sorted(lost)]
+        return [r for r in replies if r.metadata.src_node_id not in lost] + list(
+            grid.send_and_receive(retry, timeout=self.reply_timeout))
+
+    def run_phase(self, grid: Grid, phase: str, nodes: list[int], content: Callable[[int], RecordDict],
+                  check: Callable[[Message], object], *, refuse: bool = False) -> list[tuple[int, object]]:
+        """One protocol phase: a ``query.<phase>`` message with ``content(node)`` to each node;
+        returns ``(node, check(reply))`` for the accepted replies, in partition order.
+
+        Failed and rejected replies are counted and logged as for training (``refuse``: the node is
+        also refused, as discovery does). The traffic is booked under the phase's name.
+        """
+        msgs = [Message(content(n), dst_node_id=n, message_type=protocol.query(phase)) for n in nodes]
+        replies = grid.send_and_receive(msgs, timeout=self.reply_timeout)
+        return [(m.metadata.src_node_id, result)
+                for m, result in self.accept(replies, check, on_refused=self.refuse if refuse else None)]
+
+    def accept(self, replies: Iterable[Message], check: Callable[[Message], object],
+               on_refused: Callable[[int, str], None] | None = None) -> list[tuple[Message, object]]:
         """Replies that pass ``check`` (with its result), sorted by partition id; the rest are logged."""
         good, failed, rejected = [], 0, 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failed += 1
-                log(WARNING, "Node %d replied with an error: %s", node, msg.error.reason)
-                continue
-            try:
-                good.append((msg, check(msg)))
-            except (InvalidReply, CodecError) as exc:
-                rejected += 1
-                log(WARNING, "Rejected the reply of node %d: %s", node, exc)
+                why = f"replied with an error: {msg.error.reason}"
+            else:
+                try:
+                    good.append((msg, check(msg)))
+                    continue
+                except (InvalidReply, CodecError, protocol.ProtocolError) as exc:
+                    rejected += 1
+                    why = f"rejected reply: {exc}"
+            if on_refused is not None:
+                on_refused(node, why)
+            else:
+                log(WARNING, "Node %d %s", node, why)
         self.round_stats["failed_replies"] = self.round_stats.get("failed_replies", 0) + failed
         self.round_stats["rejected_replies"] = self.round_stats.get("rejected_replies", 0) + rejected
         order = {n: info.partition_id for n, info in self.nodes.items()}
         return sorted(good, key=lambda pair: order.get(pair[0].metadata.src_node_id, 1 << 62))
 
-    def num_examples_bound(self, msg: Message) -> int | None:
+    def num_examples_bound(self, msg: Message) -> int:
         info = self.nodes.get(msg.metadata.src_node_id)
-        return None if info is None else max(info.num_train, 1)
+        if info is None:
+            raise InvalidReply("reply from a node that is not a described member of the federation")
+        return max(info.num_train, 1)
 
     # ------------------------------------------------------------------ aggregation
 
     def check_mask_version(self, msg: Message) -> None:
-        """A reply must come from training under the current mask (a missing version means 0: dense)."""
-        metrics = msg.content.metric_records.get("metrics")
-        version = metrics.get("mask-version", 0) if metrics is not None else None
+        """A reply must come from work under the current mask (a missing version means 0: dense)."""
+        version = check_int(msg, protocol.MASK_VERSION, 0, 1 << 62) if protocol.MASK_VERSION in \
+            msg.content.metric_records.get(protocol.METRICS, {}) else 0
         if version != self.mask_version:
-            raise InvalidReply(f"trained under mask version {version!r}, current is {self.mask_version}")
+            raise InvalidReply(f"trained under mask version {version}, current is {self.mask_version}")
 
-    def check_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-        """(arrays, coverage masks, num-examples) of a valid reply; raises InvalidReply otherwise.
+    def record_of(self, msg: Message, key: str = protocol.ARRAYS) -> ArrayRecord:
+        record = msg.content.array_records.get(key)
+        if record is None:
+            raise InvalidReply(f"no ArrayRecord '{key}'")
+        return record
 
-        Values-only blobs decode under the global mask; a blob that carries its own mask must
-        carry exactly the global one (the codec checks), so pruned weights stay pruned.
+    def check_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int, dict]:
+        """(arrays, coverage masks, num-examples, metrics) of a valid reply; raises otherwise.
+
+        Masked tensors must be exactly the mask's kept values (decoded under the global mask, so
+        pruned weights stay pruned); everything is checked before it is decoded.
         """
         n = check_num_examples(msg, self.num_examples_bound(msg))
         self.check_mask_version(msg)
-        record = msg.content.array_records.get("arrays")
-        if record is None:
-            raise InvalidReply("no ArrayRecord 'arrays'")
-        decoded, _ = unpack(record, self.masks, {k: v.shape for k, v in self.global_arrays.items()
-                                                 if k in record})
-        arrays = check_arrays(decoded, self.global_arrays)
-        return arrays, dict(self.masks or {}), n
+        metrics = check_metrics(msg, TRAIN_METRICS)
+        arrays = protocol.unpack(self.record_of(msg), protocol.expected_of(self.global_arrays), self.masks)
+        self.check_finite(arrays)
+        return arrays, dict(self.masks or {}), n, metrics
+
+    @staticmethod
+    def check_finite(arrays: dict[str, np.ndarray]) -> None:
+        for name, arr in arrays.items():
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise InvalidReply(f"{name}: non-finite values")
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accept(replies, self.check_train_reply)
+        while accepted:
+            weights = [n if self.weighted else 1 for _, (_, _, n, _) in accepted]
+            average = masked_average([a for _, (a, _, _, _) in accepted], [c for _, (_, c, _, _) in accepted],
+                                     weights, self.global_arrays)
+            bad = [k for k, v in average.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+            if not bad:
+                break
+            worst = max(range(len(accepted)), key=lambda i: float(np.abs(accepted[i][1][0].get(bad[0], 0)).max()))
+            msg = accepted.pop(worst)[0]
+            log(WARNING, "Rejected the reply of node %d: the average of %s is not finite with it",
+                msg.metadata.src_node_id, bad[0])
+            self.round_stats["rejected_replies"] = self.round_stats.get("rejected_replies", 0) + 1
         if not accepted:
             return None, None
         for msg, _ in accepted:
             self.node_mask_version[msg.metadata.src_node_id] = self.mask_version
-        weights = [n if self.weighted else 1 for _, (_, _, n) in accepted]
-        self.global_arrays = masked_average([a for _, (a, _, _) in accepted], [c for _, (_, c, _) in accepted],
-                                            weights, self.global_arrays)
-        self.after_aggregate(server_round)
+        self.global_arrays = average
         self._payloads.clear()
-        metrics = self.mean_metrics([m for m, _ in accepted], [n for _, (_, _, n) in accepted])
-        return numpy_to_arrays(self.global_arrays), metrics
+        self.trained_rounds += 1
+        metrics = aggregate_metrics([m for _, (_, _, _, m) in accepted], [n for _, (_, _, n, _) in accepted],
+                                    TRAIN_METRICS)
+        return numpy_to_arrays(self.global_arrays), MetricRecord(metrics)
 
-    def after_aggregate(self, server_round: int) -> None:
-        """Server-side pruning / regrowth on ``self.global_arrays`` (none for dense FedAvg)."""
+    def after_round(self, server_round: int) -> None:
+        """Server-side pruning / regrowth on ``self.global_arrays`` after every round's aggregation,
+        also after a round without an accepted reply (none for dense FedAvg)."""
+
+    def check_evaluate_reply(self, msg: Message) -> tuple[int, dict]:
+        self.check_mask_version(msg)
+        return check_num_examples(msg, None), check_metrics(msg, EVALUATE_METRICS)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        def check(msg: Message) -> int:
-            self.check_mask_version(msg)
-            return check_num_examples(msg, None)
-
-        accepted = self.accept(replies, check)
+        accepted = self.accept(replies, self.check_evaluate_reply)
         if not accepted:
             return None
         for msg, _ in accepted:
             self.node_mask_version[msg.metadata.src_node_id] = self.mask_version
-        return self.mean_metrics([m for m, _ in accepted], [n for _, n in accepted])
+        return MetricRecord(aggregate_metrics([m for _, (_, m) in accepted], [n for _, (n, _) in accepted],
+                                              EVALUATE_METRICS))
 
-    SUMMED_METRICS = ("flops",)
-    MAXED_METRICS = ("peak-memory",)
-    SKIPPED_METRICS = ("num-examples", "partition-id", "mask-version")
+    # ------------------------------------------------------------------ checkpoints
 
-    @classmethod
-    def mean_metrics(cls, replies: list[Message], weights: list[int]) -> MetricRecord:
-        """Example-weighted mean of the scalar metrics the replies share; costs summed (``flops``)
-        or maxed (``peak-memory``) over clients; plus ``num-examples`` and ``num-nodes``."""
-        records = [m.content["metrics"] for m in replies]
-        keys = set.intersection(*(set(r) for r in records)) - set(cls.SKIPPED_METRICS)
-        total = float(sum(weights))
-        out = {}
-        for k in sorted(keys):
-            values = [r[k] for r in records]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                continue
-            if k in cls.SUMMED_METRICS:
-                out[k] = float(sum(values))
-            elif k in cls.MAXED_METRICS:
-                out[k] = float(max(values))
-            else:
-                out[k] = sum(float(v) * w for v, w in zip(values, weights)) / total
-        out["num-examples"] = int(total)
-        out["num-nodes"] = len(records)
-        return MetricRecord(out)
+    def state_dict(self, server_round: int) -> dict:
+        """Everything a resumed run needs: the round, the global arrays, the mask and its version,
+        and the method's own state. What each node holds is not kept: a resumed run is a new Flower
+        run whose nodes start empty, so they get the mask again."""
+        def tensors(arrays):
+            return None if arrays is None else {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        return {"round": server_round, "trained_rounds": self.trained_rounds, "arrays": tensors(self.global_arrays),
+                "masks": tensors(self.masks), "mask_version": self.mask_version, "method": self.method_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_arrays = {k: v.numpy() for k, v in state["arrays"].items()}
+        self.masks = None if state["masks"] is None else {k: v.numpy() for k, v in state["masks"].items()}
+        self.mask_version = int(state["mask_version"])
+        self.trained_rounds = int(state["trained_rounds"])
+        self.node_mask_version.clear()
+        self._payloads.clear()
+        self.load_method_state(state["method"])
+
+    def method_state(self) -> dict:
+        """The method's own state for a checkpoint (tensors, numbers, strings, lists, dicts)."""
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        """Restore what :meth:`method_state` returned."""
 
     # ------------------------------------------------------------------ the loop
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              on_round: Callable[[dict], None] | None = None) -> Result:
-        """Run ``num_rounds`` rounds; after each, ``on_round`` gets the round's record.
+              on_round: Callable[[dict], None] | None = None,
+              on_checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> Result:
+        """Run rounds up to ``num_rounds``; after each, ``on_round`` gets the round's record and
+        ``on_checkpoint`` the strategy's state (:meth:`state_dict`). With ``resume`` (such a state)
+        the run continues after the state's round instead of starting from ``initial_arrays``.
 
         The record holds the central evaluation (``evaluate_fn``), the aggregated client metrics,
-        the bytes of the round's messages per direction (training and evaluation apart), rejected
-        and failed replies, and wall seconds.
+        the bytes of the round's messages per direction and purpose, rejected and failed replies,
+        and wall seconds. Raises :class:`RunFailed` when too few nodes are usable or, at the end,
+        when no training reply was accepted in the whole run.
         """
         metered = MeteredGrid(grid)
+        self.reply_timeout = timeout
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         result, t0 = Result(), time.monotonic()
-        self.global_arrays = arrays_to_numpy(initial_arrays)
-        self.prepare(metered)
+        if resume is None:
+            self.global_arrays = arrays_to_numpy(initial_arrays)
+            self.prepare(metered)
+            first = 1
+        else:
+            self.load_state_dict(resume)
+            first = int(resume["round"]) + 1
         arrays = numpy_to_arrays(self.global_arrays)
 
         def finish(server_round: int, train_m, eval_m, t_round: float) -> None:
@@ -321,10 +436,8 @@ class FedPruneStrategy(FedAvg):
             record = {"round": server_round, **{k: v for k, v in (central or {}).items()}}
             record.update({f"train_{k.replace('-', '_')}": v for k, v in (train_m or {}).items()})
             record.update({f"val_{k.replace('-', '_')}": v for k, v in (eval_m or {}).items()})
-            traffic = metered.take()
-            record.update(bytes_down=traffic["train_bytes_down"], bytes_up=traffic["train_bytes_up"],
-                          eval_bytes_down=traffic["eval_bytes_down"], eval_bytes_up=traffic["eval_bytes_up"],
-                          rejected_replies=int(self.round_stats.get("rejected_replies", 0)),
+            record.update(metered.take())
+            record.update(rejected_replies=int(self.round_stats.get("rejected_replies", 0)),
                           failed_replies=int(self.round_stats.get("failed_replies", 0)),
                           round_seconds=time.monotonic() - t_round, wall_seconds=time.monotonic() - t0,
                           density=self.density(), mask_version=self.mask_version,
@@ -333,30 +446,38 @@ class FedPruneStrategy(FedAvg):
             self.round_stats = {}
             if on_round is not None:
                 on_round(record)
+            if on_checkpoint is not None:
+                on_checkpoint(self.state_dict(server_round))
 
-        finish(0, None, None, time.monotonic())
-        for server_round in range(1, num_rounds + 1):
+        if resume is None:
+            finish(0, None, None, time.monotonic())
+        for server_round in range(first, num_rounds + 1):
             t_round = time.monotonic()
-            replies = metered.send_and_receive(
-                self.configure_train(server_round, arrays, train_config, metered), timeout=timeout)
-            new_arrays, train_m = self.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            if train_m is not None:
+            msgs = list(self.configure_train(server_round, arrays, train_config, metered))
+            new_arrays, train_m = self.aggregate_train(
+                server_round, self.exchange(metered, msgs, server_round, train_config))
+            if train_m is None:
+                log(WARNING, "Round %d: no training reply was accepted; the model is unchanged", server_round)
+            else:
                 result.train_metrics_clientapp[server_round] = train_m
-            eval_replies = metered.send_and_receive(
-                self.configure_evaluate(server_round, arrays, evaluate_config, metered), timeout=timeout)
-            eval_m = self.aggregate_evaluate(server_round, eval_replies)
+            self.after_round(server_round)
+            arrays = numpy_to_arrays(self.global_arrays) if new_arrays is not None or \
+                self.round_stats.get("mask_changed") else arrays
+            msgs = list(self.configure_evaluate(server_round, arrays, evaluate_config, metered))
+            eval_m = self.aggregate_evaluate(server_round, self.exchange(metered, msgs, server_round, evaluate_config))
             if eval_m is not None:
                 result.evaluate_metrics_clientapp[server_round] = eval_m
             finish(server_round, train_m, eval_m, t_round)
+        if self.trained_rounds == 0:
+            raise RunFailed(f"no training reply was accepted in {num_rounds} rounds: the model was not trained "
+                            "(the log names each failed or rejected reply)")
         result.arrays = arrays
         return result
 
     def prepare(self, grid: Grid) -> None:
-        """Work before round 1 on ``self.global_arrays`` (a scoring round, a data-free mask...);
+        """Work before round 1 on ``self.global_arrays`` (a scoring phase, a data-free mask...);
         its traffic is recorded in round 0."""
 
     def extra_round_record(self) -> dict:
-        """Method-specific fields of a round's record (e.g. density); none for dense FedAvg."""
+        """Method-specific fields of a round's record; none for dense FedAvg."""
         return {}

@@ -2,73 +2,79 @@
 magnitude pruning. Each adds only where and how its mask is chosen to the base strategy.
 
 * ``random``: random scores from the run seed, cut before round 1.
-* ``magnitude``: ``pruning.warmup_rounds`` dense rounds, then |w| of the global model, one cut.
-* ``snip``: a scoring round before round 1 (message ``query.snip``): the sampled clients score
-  |g * w| (Lee et al. 2019) on ``pruning.score_batches`` local batches of the initial model; the
-  server averages the scores, weighted by examples, and cuts once.
-* ``synflow``: SynFlow scores (Tanaka et al. 2020) on the server, data-free, one shot; we use the
-  single-shot form (the paper iterates 100 times; one shot is the usual federated baseline).
-* ``gradual-magnitude``: Zhu & Gupta (2017): after rounds ``start_round, start_round + prune_every,
-  ... end_round`` the global model is cut by |w| to the cubic schedule's density, reaching
-  ``pruning.density`` at ``end_round``.
+* ``magnitude``: ``pruning.warmup_rounds`` dense rounds, then |w| of the global model, one cut
+  (at the first round at or after the warm-up, also after a round without accepted replies).
+* ``snip`` (Lee et al. 2019): a scoring phase before round 1 (``query.snip``, client routine in
+  client_app/baselines.py) on the initial model. ``pruning.snip_scoring: union`` (default): the
+  clients send their signed mean loss gradients over ``pruning.score_batches`` batches, the server
+  averages them (weighted by examples) and scores ``|g * w|``, SNIP on the union of the clients'
+  batches; ``client-mean``: the clients send their own ``|g * w|``, the server averages those.
+* ``synflow`` (Tanaka et al. 2020): data-free, on the server, iterative: ``pruning.synflow_iterations``
+  (100, as the paper) rescorings on the exponential density schedule ``density ** (j / n)``;
+  ``synflow_iterations: 1`` is single-shot SynFlow.
+* ``gradual-magnitude`` (Zhu & Gupta 2017): after rounds ``start_round, start_round + prune_every,
+  ... end_round`` the global model is cut by |w| to the cubic schedule's density ``s_t``, reaching
+  ``pruning.density`` at ``end_round``; per layer as the paper (configs/gradual-magnitude.yaml sets
+  ``allocation: uniform``; ``global`` is the option). A step that is due is taken at the first
+  round at or after it, also after a round without accepted replies.
 
 The cut is one global top-k, or per layer (uniform or ERK densities), by ``pruning.allocation``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from logging import INFO
 
 import numpy as np
 import torch
-from logging import INFO
-
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedprune import protocol
+from fedprune.data import SPECS
 from fedprune.experiment import Experiment
 from fedprune.seeding import torch_generator
+from fedprune.task import maskable_names, new_model
 from pruning.schedules import gradual_cubic
-from pruning.scores import random_scores, synflow_scores
+from pruning.scores import random_scores, snip_from_gradients, synflow_iterative_masks
 from pruning.selection import erk_densities, global_topk, layerwise_topk
-from strategies.base import FedPruneStrategy
-from strategies.transport import pack, unpack
-from strategies.validation import InvalidReply, check_arrays, check_num_examples
+from strategies.base import FedPruneStrategy, RunFailed
+from strategies.validation import InvalidReply, check_num_examples
 
 
-def select(scores: dict[str, torch.Tensor], density: float, allocation: str) -> dict[str, np.ndarray]:
-    """Masks keeping the top ``density`` of ``scores`` under the allocation rule."""
+def selector(allocation: str):
+    """``select(scores, density) -> masks`` of an allocation rule (global, uniform or erk)."""
     if allocation == "global":
-        masks = global_topk(scores, density)
-    elif allocation == "uniform":
-        masks = layerwise_topk(scores, density)
-    elif allocation == "erk":
-        masks = layerwise_topk(scores, erk_densities({k: v.shape for k, v in scores.items()}, density))
-    else:
-        raise ValueError(f"pruning.allocation: got {allocation!r}; allowed: global, uniform, erk")
-    return {k: v.cpu().numpy() for k, v in masks.items()}
+        return global_topk
+    if allocation == "uniform":
+        return layerwise_topk
+    if allocation == "erk":
+        return lambda scores, d: layerwise_topk(scores, erk_densities({k: v.shape for k, v in scores.items()}, d))
+    raise ValueError(f"pruning.allocation: got {allocation!r}; allowed: global, uniform, erk")
 
 
 class PruningStrategy(FedPruneStrategy):
-    """The base strategy plus what every pruning baseline needs: the experiment and a model."""
+    """The base strategy plus what every pruning baseline needs: the model and its maskable names."""
 
-    def __init__(self, experiment: Experiment, model_fn: Callable[[], torch.nn.Module],
-                 maskable: list[str], input_shape: tuple[int, ...]) -> None:
-        super().__init__(seed=experiment.seed, sampling=experiment.sampling, maskable=maskable,
-                         value_dtype=experiment.transport.value_dtype)
-        self.experiment = experiment
-        self.model_fn = model_fn
-        self.input_shape = input_shape
-        self.names = list(maskable)
+    def __init__(self, experiment: Experiment) -> None:
+        model = new_model(experiment)
+        super().__init__(experiment, maskable=maskable_names(experiment, model))
+        spec = SPECS[experiment.dataset.name]
+        self.input_shape = (spec.channels, spec.size, spec.size)
+        self.names = maskable_names(experiment, model)
+        self.select = selector(experiment.pruning.allocation)
 
     def global_model(self) -> torch.nn.Module:
-        model = self.model_fn()
+        model = new_model(self.experiment)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.global_arrays.items()})
         return model
 
     def cut(self, scores: dict[str, torch.Tensor], density: float) -> None:
-        self.set_masks(select(scores, density, self.experiment.pruning.allocation))
+        self.install({k: v.cpu().numpy() for k, v in self.select(scores, density).items()})
+
+    def install(self, masks: dict[str, np.ndarray]) -> None:
+        self.set_masks(masks)
         log(INFO, "%s: mask version %d at density %.4f", self.experiment.method, self.mask_version, self.density())
 
     def magnitudes(self) -> dict[str, torch.Tensor]:
@@ -83,7 +89,10 @@ class RandomMask(PruningStrategy):
 
 class SynFlowMask(PruningStrategy):
     def prepare(self, grid: Grid) -> None:
-        self.cut(synflow_scores(self.global_model(), self.input_shape, self.names), self.experiment.pruning.density)
+        p = self.experiment.pruning
+        masks = synflow_iterative_masks(self.global_model(), self.input_shape, self.names, p.density,
+                                        p.synflow_iterations, self.select)
+        self.install({k: v.numpy() for k, v in masks.items()})
 
 
 class MagnitudeMask(PruningStrategy):
@@ -91,60 +100,75 @@ class MagnitudeMask(PruningStrategy):
         if self.experiment.pruning.warmup_rounds == 0:
             self.cut(self.magnitudes(), self.experiment.pruning.density)
 
-    def after_aggregate(self, server_round: int) -> None:
-        if server_round == self.experiment.pruning.warmup_rounds:
+    def after_round(self, server_round: int) -> None:
+        if self.masks is None and server_round >= self.experiment.pruning.warmup_rounds and self.trained_rounds:
             self.cut(self.magnitudes(), self.experiment.pruning.density)
 
 
 class GradualMagnitude(PruningStrategy):
-    def schedule(self, server_round: int) -> float | None:
-        """The density to cut to after ``server_round``, or None when this round does not prune.
+    """Zhu & Gupta's schedule; ``self.steps_taken`` pruning steps are done (kept in checkpoints)."""
 
-        Cuts at ``start_round + j * prune_every`` (j = 0..n-1, within ``end_round``); cut j+1 of n
-        follows the cubic schedule, so the first cut already prunes and the last reaches the target.
-        """
+    def __init__(self, experiment: Experiment) -> None:
+        super().__init__(experiment)
+        self.steps_taken = 0
+
+    def steps_due(self, server_round: int) -> int:
+        """How many pruning steps are due after ``server_round``: steps fall after rounds
+        ``start_round + j * prune_every`` (j = 0..n-1, within ``end_round``)."""
         p = self.experiment.pruning
-        if not p.start_round <= server_round <= p.end_round or (server_round - p.start_round) % p.prune_every:
-            return None
-        n = (p.end_round - p.start_round) // p.prune_every + 1
-        return gradual_cubic(server_round, p.start_round - p.prune_every, n, p.prune_every, 1.0, p.density)
+        if server_round < p.start_round:
+            return 0
+        return min((server_round - p.start_round) // p.prune_every + 1, self.num_steps())
 
-    def after_aggregate(self, server_round: int) -> None:
-        density = self.schedule(server_round)
-        if density is not None:
-            self.cut(self.magnitudes(), density)
+    def num_steps(self) -> int:
+        p = self.experiment.pruning
+        return (p.end_round - p.start_round) // p.prune_every + 1
+
+    def density_after(self, steps: int) -> float:
+        """The cubic schedule after ``steps`` of n steps: the first already prunes, the last reaches the target."""
+        p = self.experiment.pruning
+        return gradual_cubic(p.start_round + (steps - 1) * p.prune_every, p.start_round - p.prune_every,
+                             self.num_steps(), p.prune_every, 1.0, p.density)
+
+    def after_round(self, server_round: int) -> None:
+        due = self.steps_due(server_round)
+        if due > self.steps_taken and self.trained_rounds:
+            self.cut(self.magnitudes(), self.density_after(due))
+            self.steps_taken = due
+
+    def method_state(self) -> dict:
+        return {"steps_taken": self.steps_taken}
+
+    def load_method_state(self, state: dict) -> None:
+        self.steps_taken = int(state["steps_taken"])
 
 
 class SnipMask(PruningStrategy):
     def prepare(self, grid: Grid) -> None:
+        p = self.experiment.pruning
         nodes = self.sample(grid, 0, self.fraction_train, self.min_train_nodes, "sample-snip")
-        arrays = pack(self.global_arrays, value_dtype="float32")
-        msgs = []
-        for node in nodes:
-            cfg = ConfigRecord({"server-round": 0, "mask-version": 0, "mask-sent": False})
-            msgs.append(Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=node,
-                                message_type=f"{MessageType.QUERY}.snip"))
-        shapes = {k: self.global_arrays[k].shape for k in self.names}
-        reference = {k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}
+        expected = {k: (self.global_arrays[k].shape, np.dtype(np.float32)) for k in self.names}
 
-        def check(msg):
+        def content(node: int) -> RecordDict:
+            return RecordDict({protocol.ARRAYS: protocol.pack(self.global_arrays),
+                               protocol.CONFIG: self.node_config(0, node, ConfigRecord())})
+
+        def check(msg: Message) -> tuple[dict[str, np.ndarray], int]:
             n = check_num_examples(msg, self.num_examples_bound(msg))
-            record = msg.content.array_records.get("scores")
-            if record is None:
-                raise InvalidReply("no ArrayRecord 'scores'")
-            scores = check_arrays(unpack(record, None, shapes)[0], reference)
-            if any((s < 0).any() for s in scores.values()):
+            values = protocol.unpack(self.record_of(msg), expected)
+            self.check_finite(values)
+            if p.snip_scoring == "client-mean" and any((v < 0).any() for v in values.values()):
                 raise InvalidReply("negative saliency scores")
-            return scores, n
+            return values, n
 
-        accepted = self.accept(grid.send_and_receive(msgs, timeout=self.describe_timeout), check)
+        accepted = self.run_phase(grid, protocol.SNIP, nodes, content, check)
         if not accepted:
-            raise RuntimeError("SNIP: no client returned valid scores; cannot choose a mask")
+            raise RunFailed("snip: no client returned valid scores, so no mask can be chosen "
+                            "(the log names each failed or rejected reply)")
         total = float(sum(n for _, (_, n) in accepted))
-        scores = {k: torch.from_numpy(sum(s[k].astype(np.float64) * n for _, (s, n) in accepted) / total)
-                  for k in self.names}
-        self.cut(scores, self.experiment.pruning.density)
-
-
-METHODS = {"random": RandomMask, "magnitude": MagnitudeMask, "snip": SnipMask, "synflow": SynFlowMask,
-           "gradual-magnitude": GradualMagnitude}
+        mean = {k: torch.from_numpy(sum(v[k].astype(np.float64) * n for _, (v, n) in accepted) / total)
+                for k in self.names}
+        if p.snip_scoring == "union":
+            mean = snip_from_gradients({k: torch.from_numpy(self.global_arrays[k].astype(np.float64))
+                                        for k in self.names}, mean)
+        self.cut(mean, p.density)

@@ -23,39 +23,32 @@ validation accuracy per level.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedprune import protocol
 from fedprune.data import SPECS
 from fedprune.experiment import Experiment
 from fedprune.fedlp import draw_level, kept_keys, preference_probs, shared_keys
 from fedprune.models import FEDLP_LEVELS, FedLPCNN
+from fedprune.task import new_model
 from strategies.base import FedPruneStrategy
-from strategies.transport import pack, unpack
-from strategies.validation import InvalidReply, check_arrays, check_num_examples
+from strategies.validation import TRAIN_METRICS, InvalidReply, check_metrics, check_num_examples
 
 
 class FedLPStrategy(FedPruneStrategy):
     """What both FedLP schemes share: the routine name in each node's config, partition lookup,
     the expected key set of a reply, and decoding of partial replies."""
 
-    def __init__(self, experiment: Experiment, model_fn: Callable[[], torch.nn.Module]) -> None:
-        super().__init__(seed=experiment.seed, sampling=experiment.sampling,
-                         value_dtype=experiment.transport.value_dtype, weighted=experiment.fedlp.weighted)
-        self.experiment = experiment
+    def __init__(self, experiment: Experiment) -> None:
+        super().__init__(experiment, weighted=experiment.fedlp.weighted)
         self.cfg = experiment.fedlp
-        self.keys = list(model_fn().state_dict())
+        self.keys = list(new_model(experiment).state_dict())
         self.server_round = 0
         self._record: dict = {}
-
-    def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
-        cfg = super().node_config(server_round, node_id, config)
-        cfg["routine"] = self.experiment.method
-        return cfg
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -73,30 +66,29 @@ class FedLPStrategy(FedPruneStrategy):
         """The entries this node must send in this round."""
         raise NotImplementedError
 
-    def check_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    def check_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int, dict]:
         """A valid reply carries exactly the entries its node's draw (Homo) or level (Hetero) says,
         each with the global entry's shape and dtype and finite; the rest as in the base."""
         n = check_num_examples(msg, self.num_examples_bound(msg))
         self.check_mask_version(msg)
-        record = msg.content.array_records.get("arrays")
-        if record is None:
-            raise InvalidReply("no ArrayRecord 'arrays'")
-        expected = set(self.expected_keys(msg))
-        sent = set(record.keys())
-        if sent != expected:
+        metrics = check_metrics(msg, TRAIN_METRICS)
+        expected = self.expected_keys(msg)
+        record = self.record_of(msg)
+        if set(record.keys()) != set(expected):
+            sent = set(record.keys())
             raise InvalidReply(
                 f"sent {len(sent)} entries, its {self.what_decides()} says {len(expected)}: missing "
-                f"{sorted(expected - sent)[:3]}, unexpected {sorted(sent - expected)[:3]}")
-        decoded, _ = unpack(record, None, {k: self.global_arrays[k].shape for k in sent})
-        arrays = check_arrays(decoded, self.global_arrays, partial=True)
-        self.note_reply(msg, arrays, n)
-        return arrays, {}, n
+                f"{sorted(set(expected) - sent)[:3]}, unexpected {sorted(sent - set(expected))[:3]}")
+        arrays = protocol.unpack(record, protocol.expected_of({k: self.global_arrays[k] for k in expected}))
+        self.check_finite(arrays)
+        self.note_reply(msg, arrays, n, metrics)
+        return arrays, {}, n, metrics
 
     def what_decides(self) -> str:
         return "draw"
 
-    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int) -> None:
-        """Per-round ledger of an accepted reply."""
+    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int, metrics: dict) -> None:
+        """Per-round ledger of an accepted reply (``metrics``: its checked metrics)."""
 
     def extra_round_record(self) -> dict:
         record, self._record = self._record, {}
@@ -113,7 +105,7 @@ class FedLPHomo(FedLPStrategy):
     def what_decides(self) -> str:
         return f"keep draw for round {self.server_round}"
 
-    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int) -> None:
+    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int, metrics: dict) -> None:
         total = sum(v.size for v in self.global_arrays.values())
         self._record.setdefault("fedlp_uploaded_share", []).append(sum(v.size for v in arrays.values()) / total)
         self._record.setdefault("_sent", set()).update(arrays)
@@ -130,8 +122,8 @@ class FedLPHomo(FedLPStrategy):
 class FedLPHetero(FedLPStrategy):
     """FedLP-Hetero: each node exchanges the shared entries of its fixed depth level."""
 
-    def __init__(self, experiment: Experiment, model_fn: Callable[[], torch.nn.Module]) -> None:
-        super().__init__(experiment, model_fn)
+    def __init__(self, experiment: Experiment) -> None:
+        super().__init__(experiment)
         spec = SPECS[experiment.dataset.name]
         self.probs = preference_probs(self.cfg.preferred_level, self.cfg.preference_weight)
         self.level_keys = {c: shared_keys(FedLPCNN(spec.channels, spec.num_classes, spec.size, c))
@@ -144,13 +136,13 @@ class FedLPHetero(FedLPStrategy):
     def node_level(self, node_id: int) -> int:
         return self.level(self.nodes[node_id].partition_id)
 
-    def payload(self, node_id: int) -> tuple[ArrayRecord, bool]:
+    def payload(self, node_id: int) -> RecordDict:
         """The shared entries of the node's level (no mask: FedLP prunes whole layers)."""
         c = self.node_level(node_id)
         if c not in self._level_payloads:
-            self._level_payloads[c] = pack({k: self.global_arrays[k] for k in self.level_keys[c]},
-                                           value_dtype=self.value_dtype)
-        return self._level_payloads[c], False
+            self._level_payloads[c] = protocol.pack({k: self.global_arrays[k] for k in self.level_keys[c]},
+                                                    value_dtype=self.value_dtype)
+        return RecordDict({protocol.ARRAYS: self._level_payloads[c]})
 
     def node_config(self, server_round: int, node_id: int, config: ConfigRecord) -> ConfigRecord:
         cfg = super().node_config(server_round, node_id, config)
@@ -163,30 +155,25 @@ class FedLPHetero(FedLPStrategy):
     def what_decides(self) -> str:
         return "level"
 
-    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int) -> None:
-        metrics = msg.content["metrics"]
+    def note_reply(self, msg: Message, arrays: dict[str, np.ndarray], n: int, metrics: dict) -> None:
         c = self.level(self.partition_of(msg))
         self._record.setdefault("_levels", []).append(
-            (c, float(metrics.get("flops", 0.0)), n, float(metrics.get("peak-memory", 0.0))))
+            (c, metrics.get(protocol.FLOPS, 0.0), n, metrics.get(protocol.PEAK_MEMORY, 0.0)))
 
-    def after_aggregate(self, server_round: int) -> None:
+    def after_round(self, server_round: int) -> None:
         self._level_payloads.clear()
+
+    def check_evaluate_reply(self, msg: Message) -> tuple[int, dict]:
+        """The base's checks; the node's level's accuracy is noted for the round's record."""
+        n, metrics = super().check_evaluate_reply(msg)
+        self._by_level[self.level(self.partition_of(msg))].append((metrics[protocol.ACCURACY], n))
+        return n, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The base's example-weighted mean, plus each level's validation accuracy."""
-        replies = list(replies)
+        self._by_level: dict[int, list[tuple[float, int]]] = defaultdict(list)
         out = super().aggregate_evaluate(server_round, replies)
-        by_level: dict[int, list[tuple[float, int]]] = defaultdict(list)
-        for msg in replies:
-            if msg.has_error() or msg.metadata.src_node_id not in self.nodes:
-                continue
-            try:
-                self.check_mask_version(msg)
-                n = check_num_examples(msg, None)
-            except InvalidReply:
-                continue
-            by_level[self.node_level(msg.metadata.src_node_id)].append(
-                (float(msg.content["metrics"]["accuracy"]), n))
+        by_level = self._by_level
         if by_level:
             self._record["fedlp_val_accuracy_by_level"] = {
                 str(c): sum(a * n for a, n in v) / sum(n for _, n in v) for c, v in sorted(by_level.items())}
@@ -202,6 +189,3 @@ class FedLPHetero(FedLPStrategy):
                 str(c): sum(r[1] for r in rows if r[0] == c) / sum(r[2] for r in rows if r[0] == c) for c in levels}
             record["fedlp_peak_memory_by_level"] = {str(c): max(r[3] for r in rows if r[0] == c) for c in levels}
         return record
-
-
-METHODS = {"fedlp-homo": FedLPHomo, "fedlp-hetero": FedLPHetero}

@@ -2,24 +2,31 @@
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from benchmarks.inprocess import InProcessGrid
 from fedprune.experiment import experiment_from_run_config
 from fedprune.task import new_model
-from strategies import build_strategy
-from strategies.transport import pack
+from fedprune.protocol import STYPE
+from pruning.codec import encode
+from strategies import RunFailed, build_strategy
 
 
-def run(run_config, method, rounds=2, nodes=3, extra="", tamper=None):
-    cfg = {**run_config, "experiment": f"configs/{method}.yaml",
+def run(run_config, method, rounds=2, nodes=3, extra="", tamper=None, fails=False):
+    cfg = {**run_config, "experiment": f"configs/{method}.yaml", "num-server-rounds": rounds,
            "overrides": run_config["overrides"] + " " + extra}
     exp = experiment_from_run_config(cfg)
     strategy = build_strategy(exp)
     grid = InProcessGrid(cfg, nodes, tamper=tamper)
     records = []
-    strategy.start(grid, ArrayRecord(new_model(exp).state_dict()), rounds, on_round=records.append,
-                   evaluate_fn=lambda r, a: MetricRecord({"test_accuracy": 0.0}))
+    start = lambda: strategy.start(grid, ArrayRecord(new_model(exp).state_dict()), rounds,  # noqa: E731
+                                   on_round=records.append,
+                                   evaluate_fn=lambda r, a: MetricRecord({"test_accuracy": 0.0}))
+    if fails:
+        with pytest.raises(RunFailed):
+            start()
+    else:
+        start()
     return strategy, records, grid
 
 
@@ -36,7 +43,7 @@ def test_every_baseline_reaches_its_density_and_keeps_pruned_weights_at_zero(tin
 
 def test_the_mask_travels_only_when_the_node_lacks_it(tiny_run_config):
     _, records, grid = run(tiny_run_config, "random", rounds=2)
-    sent = [(m.metadata.message_type, m.content["config"]["server-round"], m.content["config"]["mask-sent"])
+    sent = [(m.metadata.message_type, m.content["config"]["server-round"], "mask" in m.content)
             for m in grid.sent if m.metadata.message_type in ("train", "evaluate")]
     assert all(flag for kind, rnd, flag in sent if kind == "train" and rnd == 1)
     assert not any(flag for kind, rnd, flag in sent if kind == "evaluate" or rnd == 2)
@@ -80,11 +87,12 @@ def test_a_reply_under_another_mask_is_rejected(tiny_run_config):
         name = "classifier.1.weight"
         shape = reply.content["arrays"][name].shape
         weight = np.ones(shape, np.float32)
-        forged = pack({name: weight}, {name: np.ones(shape, bool)})[name]  # carries an all-ones mask
+        forged = Array(dtype="float32", shape=shape, stype=STYPE,  # carries an all-ones mask
+                       data=encode(weight, np.ones(shape, bool), encoding="bitmask"))
         arrays = ArrayRecord({**{k: v for k, v in reply.content["arrays"].items() if k != name}, name: forged})
         return Message(RecordDict({"arrays": arrays, "metrics": reply.content["metrics"]}), reply_to=ins)
 
-    strategy, records, _ = run(tiny_run_config, "random", rounds=1, tamper=foreign_mask)
+    strategy, records, _ = run(tiny_run_config, "random", rounds=1, tamper=foreign_mask, fails=True)
     assert records[1]["rejected_replies"] == 3
 
 
@@ -93,5 +101,5 @@ def test_a_reply_from_a_stale_mask_version_is_rejected(tiny_run_config):
         metrics = MetricRecord({**dict(reply.content["metrics"]), "mask-version": 0})
         return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": metrics}), reply_to=ins)
 
-    _, records, _ = run(tiny_run_config, "random", rounds=1, tamper=stale)
+    _, records, _ = run(tiny_run_config, "random", rounds=1, tamper=stale, fails=True)
     assert records[1]["rejected_replies"] == 3

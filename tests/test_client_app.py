@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from client_app.app import app as client_app
 from fedprune.experiment import experiment_from_run_config
 from fedprune.task import new_model
-from strategies.transport import unpack
+from fedprune.protocol import expected_of, unpack
 from tests.conftest import make_context
 
 
@@ -21,7 +21,7 @@ def instruction(run_config, message_type, server_round=1):
 def test_describe_reports_partition_and_sizes(tiny_run_config):
     msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=101, message_type="query.describe")
     m = client_app(msg, make_context(tiny_run_config, 1, 3)).content["metrics"]
-    assert m["partition-id"] == 1 and m["num-train"] + m["num-val"] == 200
+    assert m["partition-id"] == 1 and m["num-partitions"] == 3 and m["num-train"] + m["num-val"] == 200
     assert m["num-val"] == 20
 
 
@@ -30,11 +30,11 @@ def test_train_returns_updated_weights_of_the_same_shape_and_is_repeatable(tiny_
     ctx = make_context(tiny_run_config, 0, 3)
     first, second = client_app(msg, ctx).content, client_app(msg, ctx).content
     before = {k: v.numpy() for k, v in model.state_dict().items()}
-    after = unpack(first["arrays"])[0]
+    after = unpack(first["arrays"], expected_of(before))
     assert after.keys() == before.keys()
     assert all(after[k].shape == before[k].shape and after[k].dtype == before[k].dtype for k in before)
     assert any(not np.array_equal(after[k], before[k]) for k in before)
-    for k, v in unpack(second["arrays"])[0].items():
+    for k, v in unpack(second["arrays"], expected_of(before)).items():
         np.testing.assert_array_equal(v, after[k])
     metrics = first["metrics"]
     assert metrics["num-examples"] == 180 and np.isfinite(metrics["loss"]) and metrics["partition-id"] == 0
@@ -44,7 +44,8 @@ def test_train_depends_on_round(tiny_run_config):
     ctx = make_context(tiny_run_config, 0, 3)
     a = client_app(instruction(tiny_run_config, MessageType.TRAIN, 1)[0], ctx).content["arrays"]
     b = client_app(instruction(tiny_run_config, MessageType.TRAIN, 2)[0], ctx).content["arrays"]
-    a, b = unpack(a)[0], unpack(b)[0]
+    expected = expected_of({k: v.numpy() for k, v in new_model(experiment_from_run_config(tiny_run_config)).state_dict().items()})
+    a, b = unpack(a, expected), unpack(b, expected)
     assert any(not np.array_equal(a[k], b[k]) for k in a)
 
 

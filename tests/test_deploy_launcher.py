@@ -105,9 +105,9 @@ def test_auto_data_root_is_a_copy_in_the_nodes_home(tmp_path):
     spec = fed.node_spec(0)
     root = Path(spec.node_config["data-root"])
     assert root.parent == spec.home
-    from fedprune.data import _find_idx, read_idx
+    from fedprune.data import find_idx, read_idx
 
-    files = _find_idx(root)  # what the ClientApp will read: plain IDX files
+    files = find_idx(root)  # what the ClientApp will read: plain IDX files
     assert files is not None and not any(f.suffix == ".gz" for f in files.values())
     assert read_idx(files["train_y"]).shape == (60000,)
 

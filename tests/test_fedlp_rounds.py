@@ -1,6 +1,8 @@
 """FedLP in real rounds (in-process federation, the authors' CNN on tiny CIFAR-format files):
 measured bytes against the counts, partial averaging, private heads, validation of key sets."""
 
+import contextlib
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -9,12 +11,12 @@ from benchmarks.inprocess import InProcessGrid
 from client_app.app import app as client_app
 from fedprune.experiment import experiment_from_run_config
 from fedprune.fedlp import kept_keys, level_shared_params
+from fedprune.protocol import expected_of, pack, unpack
 from fedprune.task import new_model
-from strategies import build_strategy
+from strategies import RunFailed, build_strategy
 from strategies.base import NodeInfo
 from strategies.fedlp import FedLPHetero, FedLPHomo
 from strategies.ledger import content_bytes
-from strategies.transport import pack, unpack
 from tests.conftest import make_context, write_cifar10
 
 TENSOR_OVERHEAD = 96
@@ -37,7 +39,7 @@ def run_config(cifar, experiment, overrides="", rounds=2):
                          f"sampling.fraction_evaluate=0 partition.val_fraction=0.2 {overrides}"}
 
 
-def run(rc, nodes=3, rounds=2, tamper=None):
+def run(rc, nodes=3, rounds=2, tamper=None, fails=False):
     exp = experiment_from_run_config(rc)
     strategy = build_strategy(exp)
     pairs = []
@@ -50,8 +52,9 @@ def run(rc, nodes=3, rounds=2, tamper=None):
     grid = InProcessGrid(rc, nodes, tamper=capture)
     records = []
     initial = {k: v.numpy().copy() for k, v in new_model(exp).state_dict().items()}
-    strategy.start(grid, ArrayRecord(new_model(exp).state_dict()), rounds, on_round=records.append,
-                   evaluate_fn=lambda r, a: MetricRecord({"test_accuracy": 0.0}))
+    with pytest.raises(RunFailed) if fails else contextlib.nullcontext():
+        strategy.start(grid, ArrayRecord(new_model(exp).state_dict()), rounds, on_round=records.append,
+                       evaluate_fn=lambda r, a: MetricRecord({"test_accuracy": 0.0}))
     return strategy, grid, pairs, records, initial
 
 
@@ -62,7 +65,7 @@ def wire_check(msg, keys, reference) -> tuple[int, int]:
     zero-valued floats (which the codec may send sparse). Returns (measured, counted)."""
     record = msg.content["arrays"]
     assert set(record.keys()) == set(keys)
-    arrays, _ = unpack(record, None, {k: reference[k].shape for k in keys})
+    arrays = unpack(record, expected_of({k: reference[k] for k in keys}))
     counted = sum(a.nbytes for a in arrays.values())
     zeros = sum(int((a == 0).sum()) for a in arrays.values() if a.dtype.kind == "f")
     measured = content_bytes(msg)
@@ -140,7 +143,7 @@ def test_replies_with_other_key_sets_are_rejected(cifar):
         reply.content["arrays"] = ArrayRecord(arrays)
         return reply
 
-    strategy, _, _, records, initial = run(run_config(cifar, "configs/fedlp-homo.yaml", "fedlp.p=0.7"), rounds=1,
+    strategy, _, _, records, initial = run(run_config(cifar, "configs/fedlp-homo.yaml", "fedlp.p=0.7"), rounds=1, fails=True,
                                            tamper=drop_one)
     assert records[1]["rejected_replies"] == 3 and "train_num_nodes" not in records[1]
     assert all(np.array_equal(strategy.global_arrays[k], initial[k]) for k in initial)
@@ -151,7 +154,7 @@ def test_replies_with_other_key_sets_are_rejected(cifar):
         reply.content["arrays"] = ArrayRecord(arrays)
         return reply
 
-    _, _, _, records, _ = run(run_config(cifar, "configs/fedlp-hetero.yaml"), rounds=1, tamper=add_head)
+    _, _, _, records, _ = run(run_config(cifar, "configs/fedlp-hetero.yaml"), rounds=1, tamper=add_head, fails=True)
     assert records[1]["rejected_replies"] == 3
 
 
@@ -163,14 +166,15 @@ def test_private_head_persists_in_the_node_state(cifar):
     payload = pack({k: strategy.global_arrays[k] for k in strategy.level_keys[1]})
 
     def train_msg():
-        cfg = ConfigRecord({"server-round": 1, "routine": "fedlp-hetero", "fedlp-level": 1})
+        cfg = ConfigRecord({"server-round": 1, "fedlp-level": 1})
         return Message(RecordDict({"arrays": payload, "config": cfg}), dst_node_id=101, message_type=MessageType.TRAIN)
 
     ctx, fresh = make_context(rc, 0, 3), make_context(rc, 0, 3)
-    first = unpack(client_app(train_msg(), ctx).content["arrays"])[0]
+    shared = expected_of({k: strategy.global_arrays[k] for k in strategy.level_keys[1]})
+    first = unpack(client_app(train_msg(), ctx).content["arrays"], shared)
     head = {k: v.numpy().copy() for k, v in ctx.state["fedlp-head"].items()}
-    second = unpack(client_app(train_msg(), ctx).content["arrays"])[0]
-    again = unpack(client_app(train_msg(), fresh).content["arrays"])[0]
+    second = unpack(client_app(train_msg(), ctx).content["arrays"], shared)
+    again = unpack(client_app(train_msg(), fresh).content["arrays"], shared)
     assert set(first) == set(strategy.level_keys[1])
     assert all(np.array_equal(first[k], again[k]) for k in first)  # same start, same result
     assert any(not np.array_equal(first[k], second[k]) for k in first)  # the trained head carried over
@@ -187,7 +191,7 @@ def test_weighted_and_unweighted_averaging(cifar, weighted, expected):
     strategy = build_strategy(experiment_from_run_config(rc))
     assert isinstance(strategy, FedLPHomo) and not isinstance(strategy, FedLPHetero)
     strategy.global_arrays = {k: v.numpy() for k, v in new_model(experiment_from_run_config(rc)).state_dict().items()}
-    strategy.nodes = {5: NodeInfo(0, 100, 0), 6: NodeInfo(1, 100, 0)}
+    strategy.nodes = {5: NodeInfo(0, 2, 100, 0), 6: NodeInfo(1, 2, 100, 0)}
     strategy.server_round = 1
 
     def reply(node, value, n):

@@ -18,6 +18,16 @@ def test_iid_covers_every_sample_once():
     assert {len(p) for p in plan} == {500}
 
 
+def test_iid_is_shuffled_deterministically_by_the_seed():
+    cfg = PartitionConfig(scheme="iid", seed=1)
+    a, b = partition_plan(LABELS, cfg, 6), partition_plan(LABELS, cfg, 6)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], np.arange(500))  # not a contiguous shard of the dataset order
+    c = partition_plan(LABELS, dataclasses.replace(cfg, seed=2), 6)
+    assert sorted(np.concatenate(c).tolist()) == list(range(len(LABELS)))
+    assert all(not np.array_equal(x, y) for x, y in zip(a, c))
+
+
 def test_dirichlet_is_deterministic_and_seed_sensitive():
     cfg = PartitionConfig(scheme="dirichlet", alpha=0.3, seed=1)
     a, b = partition_plan(LABELS, cfg, 5), partition_plan(LABELS, cfg, 5)

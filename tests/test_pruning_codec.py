@@ -1,6 +1,8 @@
 """Round trips, sizes and error handling of the sparse wire codec."""
 
+import contextlib
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -13,13 +15,17 @@ from pruning.codec import (
     ENCODINGS,
     CodecError,
     decode,
+    decode_mask,
+    decode_with_mask,
     decode_tensors,
     encode,
+    encode_mask,
     encode_tensors,
     encoded_bits_per_param,
     encoding_sizes,
     entropy_bound_bits,
     header_bytes,
+    inspect,
 )
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,10 +134,9 @@ def test_float64_tensor():
     torch.randint(0, 255, (3, 4), dtype=torch.uint8),
     torch.randint(-100, 100, (7,), dtype=torch.int8),
     torch.randint(-100, 100, (7,), dtype=torch.int16),
-    torch.rand(4, 5) < 0.5,
     torch.zeros(0, 3, dtype=torch.int64),
 ])
-def test_non_float_tensors_go_dense_in_their_own_dtype(t):
+def test_integer_tensors_go_dense_in_their_own_dtype(t):
     blob = encode(t, value_dtype="float16")
     assert blob[1] & 7 == ENCODINGS.index("dense")
     assert len(blob) == header_bytes(t.dim()) + t.numel() * t.element_size()
@@ -139,6 +144,20 @@ def test_non_float_tensors_go_dense_in_their_own_dtype(t):
     assert out.dtype == t.dtype and torch.equal(out, t)
     with pytest.raises(ValueError, match="dense"):
         encode(t, encoding="bitmask")
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_a_mask_travels_as_its_positions_only(density):
+    mask = torch.rand(64, 3, 3, generator=torch.Generator().manual_seed(1)) < density
+    blob = encode_mask(mask)
+    info = inspect(blob)
+    assert info.encoding in ("bitmask", "rice") and info.value_bytes == 0
+    assert len(blob) <= header_bytes(3) + -(-mask.numel() // 8)  # never more than a bitmask
+    assert torch.equal(decode_mask(blob, shape=(64, 3, 3)), mask)
+    with pytest.raises(CodecError, match="shape"):
+        decode_mask(blob, shape=(64, 9))
+    with pytest.raises(CodecError, match="dtype"):
+        decode_mask(encode(torch.ones(64, 3, 3)), shape=(64, 3, 3))
 
 
 def test_values_encoding_needs_the_mask():
@@ -292,10 +311,131 @@ def test_bad_blob_types():
 
 
 def test_bool_dense_values_must_be_0_or_1():
-    blob = bytearray(encode(torch.tensor([True, False])))
+    blob = bytearray(encode(torch.tensor([True, False]), encoding="dense"))
     blob[-1] = 2
     with pytest.raises(CodecError, match="0 or 1"):
         decode(bytes(blob))
+
+
+# --- inspect: the header against the length, before anything is allocated ---------------------
+
+
+WIRE = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+
+
+@FAST
+@given(masked_tensors(), st.sampled_from(ENCODINGS), st.sampled_from(sorted(WIRE)))
+def test_inspect_agrees_with_encode(tm, encoding, value_dtype):
+    t, mask = tm
+    blob = encode(t, mask, encoding=encoding, value_dtype=value_dtype)
+    info = inspect(blob)
+    nnz = t.numel() if encoding == "dense" else int(mask.sum())
+    assert (info.encoding, info.dtype, info.wire_dtype, info.shape, info.nnz, info.numel) == (
+        encoding, torch.float32, WIRE[value_dtype], tuple(t.shape), nnz, t.numel())
+    assert info.nbytes == len(blob) == header_bytes(t.dim()) + info.index_bytes + info.value_bytes
+    assert info.value_bytes == nnz * WIRE[value_dtype].itemsize
+    assert info.k == (blob[1] >> 3) and (info.k == 0 or encoding == "rice")
+    if encoding in ("dense", "values"):
+        assert info.index_bytes == 0
+    elif encoding == "bitmask":
+        assert info.index_bytes == -(-t.numel() // 8)
+    assert inspect(np.frombuffer(blob, dtype=np.uint8)) == info
+
+
+@pytest.mark.parametrize("dtype, encoding", [(dt, enc) for dt in codec._DTYPES for enc in ENCODINGS
+                                             if dt.is_floating_point or enc == "dense"])
+def test_inspect_every_dtype(dtype, encoding):
+    t = (torch.randn(6, 7) * 100).to(dtype)
+    mask = torch.rand(6, 7) < 0.3
+    blob = encode(t, mask, encoding=encoding, value_dtype="float64")
+    info = inspect(blob, shape=(6, 7), expect_dtype=dtype)
+    wire = dtype if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point else torch.float64
+    assert (info.dtype, info.wire_dtype, info.encoding) == (dtype, wire, encoding)
+    assert header_bytes(2) + info.index_bytes + info.value_bytes == len(blob)
+    assert info.value_bytes == info.nnz * wire.itemsize
+    assert decode(blob, mask, shape=(6, 7), expect_dtype=dtype).dtype == dtype
+
+
+@contextlib.contextmanager
+def allocates_at_most(monkeypatch, limit: int = 2**20):
+    """Fails if ``torch.zeros`` (where decoding allocates the tensor) is reached, or if numpy and
+    Python allocations (which tracemalloc sees; torch's do not) peak at ``limit`` bytes or more."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.zeros reached")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "zeros", refuse)
+        tracemalloc.start()
+        try:
+            yield
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < limit, f"peak {peak} bytes"
+
+
+def _head(encoding, shape, nnz, dtype=torch.float64, wire=None, k=0) -> bytes:
+    ids = codec._DTYPE_ID
+    return bytes([0xF1, ENCODINGS.index(encoding) | k << 3, ids[dtype] | ids[wire or dtype] << 4,
+                  len(shape)]) + np.array((nnz, *shape), dtype="<u4").tobytes()
+
+
+LYING = {  # headers whose claims the blob's length refutes
+    "empty": b"",
+    "truncated shape": _head("dense", (2**31, 3), 0)[:12],
+    "numel >= 2**32": _head("dense", (2**16, 2**16), 0),
+    "dense of 2**31 float64 in 12 bytes": _head("dense", (2**31,), 2**31),
+    "dense with nnz != numel": _head("dense", (2**31,), 0),
+    "bitmask without its mask bytes": _head("bitmask", (2**31,), 0),
+    "bitmask one byte short": _head("bitmask", (80,), 0) + bytes(9),
+    "bitmask one byte long": _head("bitmask", (80,), 0) + bytes(11),
+    "nnz > numel": _head("bitmask", (10,), 2**31) + bytes(2),
+    "rice without its streams": _head("rice", (2**31,), 2**20, k=3),
+    "rice unary stream too long": _head("rice", (100,), 1, torch.float32) + bytes(2**20) + bytes(4),
+    "rice bytes with nnz=0": _head("rice", (2**31,), 0) + b"\x01",
+    "values of 2**31 float64 in 12 bytes": _head("values", (2**31,), 2**31),
+    "values too long": _head("values", (10,), 2, torch.float32) + bytes(9),
+}
+
+
+@pytest.mark.parametrize("name", LYING)
+def test_lying_headers_are_refused_before_allocation(name, monkeypatch):
+    blob = LYING[name]
+    with allocates_at_most(monkeypatch):
+        with pytest.raises(CodecError):
+            inspect(blob)
+        with pytest.raises(CodecError):
+            decode(blob)
+        with pytest.raises(CodecError):
+            decode_with_mask(blob, shape=(10,))
+
+
+def test_expected_shape_and_dtype_refuse_a_valid_but_unexpected_blob(monkeypatch):
+    # a valid 12-byte blob: an all-zero float64 tensor of 2**31 elements, which decode(blob) would
+    # allocate (16 GiB); a receiver that states what it expects never gets that far
+    blob = _head("rice", (2**31,), 0)
+    info = inspect(blob)
+    assert (info.numel, info.index_bytes, info.value_bytes) == (2**31, 0, 0)
+    with allocates_at_most(monkeypatch):
+        with pytest.raises(CodecError, match="expected"):
+            decode(blob, shape=(10,))
+        with pytest.raises(CodecError, match="dtype .*expected"):
+            decode(blob, shape=(2**31,), expect_dtype=torch.float32)
+        with pytest.raises(CodecError, match="dtype .*expected"):
+            inspect(blob, expect_dtype=torch.float32)
+    t = torch.randn(3, 4)
+    assert torch.equal(decode(encode(t), shape=(3, 4), expect_dtype=torch.float32), t)
+    with pytest.raises(CodecError, match="expected torch.float16"):
+        decode_with_mask(encode(t), expect_dtype=torch.float16)
+
+
+def test_lying_rice_stream_costs_at_most_a_few_times_the_blob(monkeypatch):
+    # the header allows a long unary stream (numel 2**31), which holds 8 Mi ones, not nnz=1
+    blob = _head("rice", (2**31,), 1, torch.float32) + b"\xff" * 2**20 + bytes(4)
+    assert inspect(blob).index_bytes == 2**20
+    with allocates_at_most(monkeypatch, 10 * len(blob)):
+        with pytest.raises(CodecError, match="holds 8388608 positions"):
+            decode(blob)
 
 
 # --- Rice parameter and efficiency -------------------------------------------------------------

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pruning.schedules import cosine_decay, gradual_cubic, one_shot
+from pruning.schedules import cosine_decay, exponential_densities, gradual_cubic, one_shot
 
 
 def test_one_shot():
@@ -59,3 +59,18 @@ def test_cosine_decay():
         cosine_decay(-1, 0.2, 100)
     with pytest.raises(ValueError):
         cosine_decay(0, 0.2, 0)
+
+
+def test_exponential_densities():
+    d, n = 0.01, 100
+    dens = exponential_densities(d, n)
+    assert len(dens) == n and dens[-1] == d
+    assert all(dens[j] == d ** ((j + 1) / n) for j in range(n))
+    # the same fraction of the remaining weights is pruned at every iteration
+    assert all(b / a == pytest.approx(d ** (1 / n)) for a, b in zip(dens, dens[1:]))
+    assert exponential_densities(0.3, 1) == [0.3]
+    assert exponential_densities(1.0, 3) == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="iterations"):
+        exponential_densities(0.1, 0)
+    with pytest.raises(ValueError, match="density"):
+        exponential_densities(0.0, 10)

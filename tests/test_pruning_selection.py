@@ -45,6 +45,11 @@ def test_global_topk_exact_count_and_order(shapes, d, seed, ties):
     for n, m in masks.items():
         assert m.dtype == torch.bool and m.shape == scores[n].shape
     assert all(torch.equal(a, b) for a, b in zip(masks.values(), global_topk(scores, d).values()))
+    # the same positions as a stable descending sort (ties to the earlier position)
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    ref = torch.zeros(total, dtype=torch.bool)
+    ref[torch.sort(flat, descending=True, stable=True).indices[:math.floor(d * total + 0.5)]] = True
+    assert torch.equal(torch.cat([m.reshape(-1) for m in masks.values()]), ref)
 
 
 @settings(max_examples=80, deadline=None)
@@ -67,6 +72,14 @@ def test_ties_go_to_the_earlier_position():
     assert masks["a"].reshape(-1).tolist() == [True] * 5 + [False] and not masks["b"].any()
     lw = layerwise_topk({"a": torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0])}, 0.4)
     assert lw["a"].tolist() == [False, True, True, False, False]
+
+
+def test_minus_infinity_ranks_last():
+    scores = {"a": torch.tensor([float("-inf"), 0.0, 2.0]), "b": torch.tensor([1.0, float("-inf")])}
+    assert global_topk(scores, 0.6)["a"].tolist() == [False, True, True]
+    masks = global_topk(scores, 0.8)  # one of the two -inf: the earlier
+    assert masks["a"].all() and masks["b"].tolist() == [True, False]
+    assert all(m.all() for m in global_topk(scores, 1.0).values())
 
 
 def test_keep_count_rounds_half_up():

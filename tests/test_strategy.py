@@ -1,5 +1,6 @@
 """The base strategy, driven directly with an in-process grid: rounds, sampling, bytes, bad replies."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -7,11 +8,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedprune.experiment import SamplingConfig, experiment_from_run_config
+from fedprune.protocol import STYPE, expected_of, unpack
 from fedprune.task import new_model
-from strategies import build_strategy
-from strategies.base import FedPruneStrategy
+from strategies import RunFailed, build_strategy
+from strategies.base import FedPruneStrategy, NodeInfo
 from strategies.ledger import content_bytes
-from strategies.transport import STYPE, unpack
 from benchmarks.inprocess import InProcessGrid
 
 
@@ -29,11 +30,13 @@ def run(run_config, num_nodes=3, rounds=2, strategy=None, **grid_kw):
 def test_rounds_produce_one_record_each_with_measured_bytes(tiny_run_config):
     result, records, grid, _ = run(tiny_run_config)
     assert [r["round"] for r in records] == [0, 1, 2]
-    train_msgs = [m for m in grid.sent if m.metadata.message_type != "evaluate"]
-    sent_round1 = [m for m in train_msgs if m.metadata.message_type == "query.describe"] + \
-                  [m for m in train_msgs if m.metadata.message_type == "train"][:3]
-    assert records[1]["bytes_down"] == sum(content_bytes(m) for m in sent_round1)
-    assert records[1]["bytes_up"] > 3 * 400_000 and records[2]["eval_bytes_up"] > 0
+    describe = [m for m in grid.sent if m.metadata.message_type == "query.describe"]
+    train1 = [m for m in grid.sent if m.metadata.message_type == "train"][:3]
+    eval1 = [m for m in grid.sent if m.metadata.message_type == "evaluate"][:3]
+    assert records[1]["bytes_down_describe"] == sum(content_bytes(m) for m in describe)
+    assert records[1]["bytes_down_train"] == sum(content_bytes(m) for m in train1)
+    assert records[1]["bytes_down"] == sum(content_bytes(m) for m in describe + train1 + eval1)
+    assert records[1]["bytes_up_train"] > 3 * 400_000 and records[2]["bytes_up_evaluate"] > 0
     assert records[2]["train_num_nodes"] == 3 and records[2]["val_num_nodes"] == 3
     assert records[2]["rejected_replies"] == 0 and records[2]["wall_seconds"] >= records[1]["wall_seconds"]
     assert set(result.train_metrics_clientapp) == {1, 2}
@@ -45,6 +48,7 @@ def test_the_average_is_weighted_by_examples(tiny_run_config):
     model = new_model(exp)
     reference = {k: v.numpy() for k, v in model.state_dict().items()}
     strategy.global_arrays = reference
+    strategy.nodes[5] = NodeInfo(partition_id=0, num_partitions=1, num_train=100, num_val=0)
     ins = Message(RecordDict({}), dst_node_id=5, message_type="train")
 
     def reply(value, n):
@@ -57,15 +61,16 @@ def test_the_average_is_weighted_by_examples(tiny_run_config):
 
 
 def test_sampling_follows_partitions_not_node_ids(tiny_run_config):
+    base = experiment_from_run_config(tiny_run_config)
     sampling = SamplingConfig(fraction_train=0.5, min_train_nodes=1)
     picks = []
     for offset in (10, 999_999):
-        strategy = FedPruneStrategy(seed=3, sampling=sampling)
+        strategy = FedPruneStrategy(dataclasses.replace(base, seed=3, sampling=sampling))
         grid = InProcessGrid(tiny_run_config, 6, id_offset=offset)
         nodes = strategy.sample(grid, 4, 0.5, 1, "sample-train")
         picks.append([strategy.nodes[n].partition_id for n in nodes])
     assert picks[0] == picks[1] and len(picks[0]) == 3
-    other = FedPruneStrategy(seed=4, sampling=sampling)
+    other = FedPruneStrategy(dataclasses.replace(base, seed=4, sampling=sampling))
     grid = InProcessGrid(tiny_run_config, 6)
     assert [other.nodes[n].partition_id for n in other.sample(grid, 4, 0.5, 1, "sample-train")] != picks[0] or \
         [other.nodes[n].partition_id for n in other.sample(grid, 5, 0.5, 1, "sample-train")] != picks[0]
@@ -91,7 +96,8 @@ def _with(reply: Message, ins: Message, *, arrays=None, metrics=None, drop=()) -
 
 
 def _edit_arrays(reply, fn):
-    arrays = {k: v.copy() for k, v in unpack(reply.content["arrays"])[0].items()}
+    record = reply.content["arrays"]
+    arrays = unpack(record, {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in record.items()})
     fn(arrays)
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
@@ -129,8 +135,13 @@ MALFORMED = {
 
 @pytest.mark.parametrize("kind", MALFORMED)
 def test_malformed_replies_are_dropped_and_never_touch_the_model(tiny_run_config, kind):
-    result, records, _, initial = run(tiny_run_config, rounds=1, tamper=MALFORMED[kind])
-    assert all(np.array_equal(result.arrays[k].numpy(), initial[k].numpy()) for k in initial)
+    exp = experiment_from_run_config(tiny_run_config)
+    strategy, records = build_strategy(exp), []
+    initial = {k: v.numpy().copy() for k, v in new_model(exp).state_dict().items()}
+    with pytest.raises(RunFailed, match="no training reply was accepted"):
+        strategy.start(InProcessGrid(tiny_run_config, 3, tamper=MALFORMED[kind]), ArrayRecord(new_model(exp).state_dict()),
+                       1, on_round=records.append)
+    assert all(np.array_equal(strategy.global_arrays[k], initial[k]) for k in initial)
     rejected = records[1]["rejected_replies"] + records[1]["failed_replies"]
     assert rejected == 3 and "train_num_nodes" not in records[1]
 
