@@ -1,129 +1,94 @@
-"""Dense FedAvg and every pruning baseline, side by side on the same partition and seed.
+"""Dense FedAvg and every pruning baseline, side by side on the same partition, over three seeds.
 
 ``python -m benchmarks.baselines`` (``make bench``) runs dense FedAvg and random, magnitude,
-SNIP, SynFlow and gradual magnitude pruning at densities 0.5, 0.2, 0.1 and 0.05 with fp32 values,
-and each baseline at 0.1 with fp16 values, in the in-process federation (benchmarks/inprocess.py:
-the real strategies and ClientApp, no Ray), two experiments at a time. It writes
-benchmarks/results/baselines.json and regenerates the README table.
+SNIP, SynFlow and gradual magnitude pruning at densities 0.1 and 0.05 with fp32 values, and each
+baseline at 0.1 with fp16 values, each with seeds 0, 1 and 2, in the in-process federation
+(benchmarks/sweep.py, benchmarks/inprocess.py: the real strategies and ClientApp, no Ray), two
+runs at a time. Every difference and ratio to dense FedAvg is taken against the FedAvg run of the
+same seed, then averaged over seeds. It writes benchmarks/results/baselines.json and regenerates
+the README table.
 
-The setting is smaller than the default federation so that the sweep fits in about 30 minutes on
+The setting is smaller than the default federation so that the sweep fits in about an hour on
 2 cores: 10 clients on Fashion-MNIST with Dirichlet(0.5), 5 of them sampled per round, no
 client-side evaluation. ``--quick`` runs a tiny version (a smoke test of the script itself).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import multiprocessing as mp
 import sys
-import time
-from pathlib import Path
 
-from benchmarks import report
+from benchmarks import sweep
 
-RESULTS = report.RESULTS / "baselines.json"
 METHODS = ("random", "magnitude", "snip", "synflow", "gradual-magnitude")
-DENSITIES = (0.5, 0.2, 0.1, 0.05)
+DENSITIES = (0.1, 0.05)
+RATIOS = ("total_bytes", "after_cut_bytes", "train_flops_per_round", "client_peak_memory", "wall_seconds")
+"""Costs shown as ratios to dense FedAvg (``<field>_ratio``, per seed)."""
 
 
-def plan(rounds: int) -> list[dict]:
-    """Every run of the sweep: (name, method, density, value dtype)."""
-    runs = [{"method": "fedavg", "density": 1.0, "value_dtype": "float32"}]
-    for method in METHODS:
-        for density in DENSITIES:
-            runs.append({"method": method, "density": density, "value_dtype": "float32"})
-        runs.append({"method": method, "density": 0.1, "value_dtype": "float16"})
-    for run in runs:
-        run["name"] = f"{run['method']}-d{run['density']}-{run['value_dtype']}"
-    return runs
-
-
-def setting_overrides(rounds: int, quick: bool) -> str:
-    common = (f"sampling.fraction_train=0.5 sampling.fraction_evaluate=0 pruning.warmup_rounds=2 "
+def setting_overrides(rounds: int, data_root) -> str:
+    """Half the clients per round, no client-side evaluation; magnitude cuts after round 2 and gradual
+    magnitude after rounds 1..rounds-2 (earlier when there are fewer rounds); --quick's data."""
+    common = (f"sampling.fraction_train=0.5 sampling.fraction_evaluate=0 pruning.warmup_rounds={min(2, rounds - 1)} "
               f"pruning.start_round=1 pruning.end_round={max(1, rounds - 2)}")
-    if quick:
-        return common + f" dataset.name=mnist dataset.root={Path('/tmp/fedprune-quick-mnist')} partition.scheme=iid"
+    if data_root is not None:
+        return common + f" dataset.name=mnist dataset.root={data_root} partition.scheme=iid"
     return common
 
 
-def execute(args: tuple[dict, int, int, str, str]) -> dict:
-    run, rounds, nodes, overrides, out_dir = args
-    import torch
+def plan(rounds: int, nodes: int, overrides: str) -> list[dict]:
+    """Every run of the sweep: dense FedAvg, then each method at each density (fp32) and at 0.1 (fp16)."""
+    runs = [{"method": "fedavg", "density": 1.0, "value_dtype": "float32"}]
+    for method in METHODS:
+        runs += [{"method": method, "density": d, "value_dtype": "float32"} for d in DENSITIES]
+        runs.append({"method": method, "density": 0.1, "value_dtype": "float16"})
+    specs = []
+    for run in runs:
+        extra = f" transport.value_dtype={run['value_dtype']}"
+        if run["method"] != "fedavg":
+            extra += f" pruning.density={run['density']}"
+        specs.append({"name": f"{run['method']}-d{run['density']}-{run['value_dtype']}",
+                      "method": run["method"], "target_density": run["density"],
+                      "value_dtype": run["value_dtype"], "reference": "fedavg-d1.0-float32", "nodes": nodes,
+                      "config": {"experiment": f"configs/{run['method']}.yaml", "num-server-rounds": rounds,
+                                 "overrides": overrides + extra}})
+    return specs
 
-    from benchmarks.inprocess import run_inprocess
 
-    torch.set_num_threads(1)
-    experiment = "configs/fedavg.yaml" if run["method"] == "fedavg" else f"configs/{run['method']}.yaml"
-    extra = f" transport.value_dtype={run['value_dtype']}"
-    if run["method"] != "fedavg":
-        extra += f" pruning.density={run['density']}"
-    start = time.monotonic()
-    summary = run_inprocess({"experiment": experiment, "num-server-rounds": rounds, "seed": 42,
-                             "overrides": overrides + extra}, nodes, Path(out_dir) / run["name"])
-    wall = time.monotonic() - start
-    records = [json.loads(line) for line in (Path(out_dir) / run["name"] / "rounds.jsonl").read_text().splitlines()]
+def row(spec: dict, seed: int, summary: dict, records: list[dict]) -> dict:
+    """One run: accuracy, bytes (all purposes per round, the whole run, round 0, and train + mask of
+    the last round, which follows the final cut), counted FLOPs, client peak memory."""
     trained = [r for r in records if r["round"] >= 1]
     return {
-        **{k: run[k] for k in ("name", "method", "value_dtype")},
-        "target_density": run["density"],
         "density": records[-1]["density"],
         "final_test_accuracy": summary["final_test_accuracy"],
         "best_test_accuracy": summary["best_test_accuracy"],
         "bytes_down_per_round": sum(r["bytes_down"] for r in trained) / len(trained),
         "bytes_up_per_round": sum(r["bytes_up"] for r in trained) / len(trained),
-        "last_round_bytes_down": trained[-1]["bytes_down"],
-        "last_round_bytes_up": trained[-1]["bytes_up"],
+        "total_bytes": sum(r["bytes_down"] + r["bytes_up"] for r in records),
         "setup_bytes": records[0]["bytes_down"] + records[0]["bytes_up"],
+        "after_cut_bytes": sweep.traffic(trained[-1], ("train", "mask")),
         "train_flops_per_round": sum(r.get("train_flops", 0) for r in trained) / len(trained),
         "client_peak_memory": max(r.get("train_peak_memory", 0) for r in trained),
-        "wall_seconds": wall,
+        "rejected_replies": sum(r["rejected_replies"] + r["failed_replies"] for r in records),
         "accuracy_by_round": [r["test_accuracy"] for r in records],
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--nodes", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", default=str(report.ROOT / "outputs" / "bench-baselines"))
-    parser.add_argument("--quick", action="store_true", help="tiny data and 2 rounds: checks the script")
-    args = parser.parse_args(argv)
-    if args.quick:
-        from tests.conftest import write_mnist
+def compare(row: dict, dense: dict) -> dict:
+    """Against dense FedAvg of the same seed: accuracy difference in points, the costs as ratios."""
+    return {"acc_minus_dense": 100 * (row["final_test_accuracy"] - dense["final_test_accuracy"]),
+            **{f"{k}_ratio": sweep.ratio(row[k], dense[k]) for k in RATIOS}}
 
-        write_mnist(Path("/tmp/fedprune-quick-mnist"))
-        args.rounds, args.nodes = 2, 3
-    overrides = setting_overrides(args.rounds, args.quick)
-    runs = plan(args.rounds)
-    started = time.monotonic()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        rows = []
-        for row in pool.imap(execute, [(r, args.rounds, args.nodes, overrides, args.out) for r in runs]):
-            rows.append(row)
-            print(f"{row['name']:<32} acc {row['final_test_accuracy']:.4f}  density {row['density']:.3f}  "
-                  f"{row['wall_seconds']:.0f} s", flush=True)
-    results = {
-        "command": "make bench (python -m benchmarks.baselines)" + (" --quick" if args.quick else ""),
-        "setting": {
-            "rounds": args.rounds, "nodes": args.nodes, "overrides": overrides, "seed": 42,
-            "description": (f"{'tiny MNIST-format files' if args.quick else 'Fashion-MNIST'}, {args.nodes} clients, "
-                            f"Dirichlet(0.5) unless iid, half sampled per round, {args.rounds} rounds, 1 local epoch, "
-                            "small CNN, global top-k allocation, in-process federation (real strategies and "
-                            f"ClientApp), {args.workers} experiments at a time; bytes per round are means over "
-                            "training rounds, setup = round-0 traffic (SNIP's scoring round)."),
-        },
-        "total_seconds": time.monotonic() - started,
-        "runs": rows,
-    }
-    if args.quick:
-        print(json.dumps(results)[:2000])
-        return 0
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    report.update_readme(["baselines"])
-    print(f"wrote {RESULTS} and the README table in {results['total_seconds']:.0f} s")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    args = sweep.parse(sweep.parser(__doc__, "baselines", rounds=6, nodes=10), argv)
+    overrides = setting_overrides(args.rounds, args.data_root)
+    results = sweep.run(plan(args.rounds, args.nodes, overrides), args, row, compare)
+    results["setting"].update(overrides=overrides, description=(
+        f"{'tiny MNIST-format files, iid' if args.quick else 'Fashion-MNIST, Dirichlet(0.5)'}, {args.nodes} clients, "
+        f"half sampled per round, {args.rounds} rounds, 1 local epoch, small CNN, global top-k allocation, "
+        f"in-process federation (real strategies and ClientApp), {args.workers} runs at a time."))
+    return sweep.publish(results, args)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,14 @@ class InProcessGrid:
 
 
 def run_inprocess(run_config: dict, num_nodes: int, run_dir: Path) -> dict:
-    """One experiment (a Flower run config) in process; writes ``run_dir`` like the ServerApp."""
+    """One experiment (a Flower run config) in process; writes ``run_dir`` like the ServerApp
+    (and continues it from its checkpoint when the run config says ``resume``)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     experiment = experiment_from_run_config(run_config)
     grid = InProcessGrid(run_config, num_nodes)
+    if run_config.get("resume"):
+        writer, state = RunWriter.resume(Path(run_config["resume"]), experiment)
+        return run_experiment(grid, experiment, writer, state)
     return run_experiment(grid, experiment, RunWriter(run_dir, experiment))

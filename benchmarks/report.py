@@ -1,7 +1,8 @@
 """README tables regenerated from committed results files (never typed by hand).
 
 ``python -m benchmarks.report`` rewrites every table whose results file exists. A table sits in
-README.md between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``.
+README.md between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``. Sweep results
+(benchmarks/sweep.py) hold per run ``mean`` and ``std`` over seeds; tables show mean +- std.
 """
 
 from __future__ import annotations
@@ -20,33 +21,55 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def _ratio(x: float, dense: float) -> str:
-    return f"{x / dense:.3f}" if dense else "n/a"
+def _swept(results: dict) -> bool:
+    """Whether results are in the shape benchmarks/sweep.py writes (per run: per_seed, mean, std)."""
+    return all("mean" in r for r in results["runs"])
 
 
-def baselines_table(results: dict) -> str:
-    """The baselines benchmark: one row per run, each cost also as a ratio to dense FedAvg."""
-    rows = results["runs"]
-    dense = next(r for r in rows if r["method"] == "fedavg")
-    head = ("| method | density (target / real) | values | test acc | acc - dense | MB down / round | "
-            "MB up / round | last round (down+up) / dense | setup MB | train GFLOPs / round (ratio) | "
-            "client peak MB (ratio) | wall s (ratio) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+def _pm(run: dict, key: str, fmt: str = "{:.4f}") -> str:
+    """A run's mean of ``key`` +- its std over seeds (the mean alone with one seed; n/a if absent)."""
+    if key not in run["mean"]:
+        return "n/a"
+    std = f" +- {fmt.replace('+', '').format(run['std'][key])}" if key in run["std"] else ""
+    return fmt.format(run["mean"][key]) + std
+
+
+def _seeds_note(results: dict) -> str:
+    seeds = results["seeds"]
+    if len(seeds) < 2:
+        return ""
+    return (f" Mean +- sample std (ddof=1) over seeds {', '.join(map(str, seeds))}; differences and ratios to "
+            "dense FedAvg are taken per seed, against the FedAvg run of the same seed, then averaged.")
+
+
+def baselines_table(results: dict) -> str | None:
+    """The baselines benchmark: one row per run, each cost also as a ratio to dense FedAvg (None for
+    results from before benchmarks/sweep.py)."""
+    if not _swept(results):
+        return None
+    head = ("| method | density (target / real) | values | test acc | acc - dense (points) | MB down / round | "
+            "MB up / round | all bytes / dense | round after the cut / dense | setup MB | "
+            "train GFLOPs / round (ratio) | client peak MB (ratio) | wall s (ratio) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for r in rows:
-        last = r["last_round_bytes_down"] + r["last_round_bytes_up"]
-        dense_last = dense["last_round_bytes_down"] + dense["last_round_bytes_up"]
+    for r in results["runs"]:
+        m = r["mean"]
         lines.append(
-            f"| {r['method']} | {r['target_density']:.2f} / {r['density']:.3f} | {r['value_dtype']} | "
-            f"{r['final_test_accuracy']:.4f} | {100 * (r['final_test_accuracy'] - dense['final_test_accuracy']):+.2f} | "
-            f"{_mb(r['bytes_down_per_round'])} | {_mb(r['bytes_up_per_round'])} | {_ratio(last, dense_last)} | "
-            f"{_mb(r['setup_bytes'])} | {r['train_flops_per_round'] / 1e9:.1f} "
-            f"({_ratio(r['train_flops_per_round'], dense['train_flops_per_round'])}) | "
-            f"{r['client_peak_memory'] / 1e6:.1f} ({_ratio(r['client_peak_memory'], dense['client_peak_memory'])}) | "
-            f"{r['wall_seconds']:.0f} ({_ratio(r['wall_seconds'], dense['wall_seconds'])}) |")
-    s = results["setting"]
+            f"| {r['method']} | {r['target_density']:.2f} / {m['density']:.3f} | {r['value_dtype']} | "
+            f"{_pm(r, 'final_test_accuracy')} | {_pm(r, 'acc_minus_dense', '{:+.2f}')} | "
+            f"{_mb(m['bytes_down_per_round'])} | {_mb(m['bytes_up_per_round'])} | "
+            f"{_pm(r, 'total_bytes_ratio', '{:.3f}')} | {_pm(r, 'after_cut_bytes_ratio', '{:.3f}')} | "
+            f"{_mb(m['setup_bytes'])} | {m['train_flops_per_round'] / 1e9:.1f} "
+            f"({_pm(r, 'train_flops_per_round_ratio', '{:.3f}')}) | {m['client_peak_memory'] / 1e6:.1f} "
+            f"({_pm(r, 'client_peak_memory_ratio', '{:.3f}')}) | "
+            f"{m['wall_seconds']:.0f} ({_pm(r, 'wall_seconds_ratio', '{:.3f}')}) |")
     lines.append("")
-    lines.append(f"Setting: {s['description']} Command: `{results['command']}`.")
+    lines.append(
+        f"Setting: {results['setting']['description']}{_seeds_note(results)} MB / round: all bytes of a "
+        "training round (every purpose), down and up, mean over rounds 1..N; all bytes / dense: the whole run, "
+        "round 0 included; round after the cut / dense: the last round's train + mask bytes (down + up, after "
+        "the final cut, the mask sent only to nodes that lack it) against dense FedAvg's; setup: round 0 (e.g. "
+        f"SNIP's scoring round). Total {results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`.")
     return "\n".join(lines)
 
 
@@ -64,9 +87,24 @@ def codec_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _fedlp_legacy(results: dict) -> dict:
+    """Old format: fedlp.json as written before benchmarks/sweep.py (one seed, flat rows, one seed's
+    levels), put in the sweep's shape so that one renderer serves both."""
+    from benchmarks import fedlp, sweep
+
+    seed = results["setting"]["seed"]
+    labels = ("name", "key", "scheme", "method", "p", "flag")
+    specs = [{**{k: r[k] for k in labels if k in r}, "reference": f"fedavg-{r['scheme']}"} for r in results["runs"]]
+    rows = {(r["name"], seed): {**r, "seed": seed} for r in results["runs"]}
+    return {**results, "seeds": [seed], "levels_of_partitions": {str(seed): results["levels_of_partitions"]},
+            "runs": sweep.aggregate(specs, rows, fedlp.compare)}
+
+
 def fedlp_table(results: dict) -> str:
     """FedLP against dense FedAvg: one row per method setting with its IID and Dirichlet runs,
     the communication model next to the paper's column and the measured bytes; then per level."""
+    if not _swept(results):
+        results = _fedlp_legacy(results)
     runs = {r["name"]: r for r in results["runs"]}
     model, paper = results["communication_model"], results["paper_comm_k"]
     keys = list(dict.fromkeys(r["key"] for r in results["runs"]))
@@ -82,54 +120,55 @@ def fedlp_table(results: dict) -> str:
         "| measured bytes / (4 x counted) | train MFLOPs / example | client peak MB | wall s IID / Dir (ratio) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    dense = {s: runs.get(f"fedavg-{s}") for s in ("iid", "dirichlet")}
 
     def acc(key: str, scheme: str) -> tuple[str, str]:
-        r, d = runs.get(f"{key}-{scheme}"), dense[scheme]
+        r = runs.get(f"{key}-{scheme}")
         if r is None:
             return "n/a", "n/a"
-        delta = f"{100 * (r['final_test_accuracy'] - d['final_test_accuracy']):+.2f}" if d and key != "fedavg" else ""
-        return f"{r['final_test_accuracy']:.4f}", delta
+        return _pm(r, "final_test_accuracy"), "" if key == "fedavg" else _pm(r, "acc_minus_dense", "{:+.2f}")
+
+    def mean(both: list[dict], field: str) -> float:
+        return sum(r["mean"][field] for r in both) / len(both)
 
     for key in keys:
         both = [runs[f"{key}-{s}"] for s in ("iid", "dirichlet") if f"{key}-{s}" in runs]
         a_iid, d_iid = acc(key, "iid")
         a_dir, d_dir = acc(key, "dirichlet")
-        val = " / ".join(f"{r['final_val_accuracy']:.4f}" if r.get("final_val_accuracy") is not None else "-"
+        val = " / ".join(_pm(r, "final_val_accuracy") if "final_val_accuracy" in r["mean"] else "-"
                          for r in both) if key.startswith("hetero") else "-"
-        counted = sum(r["counted_params_per_client_round"] for r in both) / len(both)
-        measured = sum(r["bytes_down_per_client_round"] + r["bytes_up_per_client_round"] for r in both) / len(both)
-        walls = " / ".join(
-            f"{r['wall_seconds']:.0f} ({_ratio(r['wall_seconds'], dense[r['scheme']]['wall_seconds'])})"
-            for r in both if dense.get(r["scheme"]))
+        counted = mean(both, "counted_params_per_client_round")
+        measured = mean(both, "bytes_down_per_client_round") + mean(both, "bytes_up_per_client_round")
+        walls = " / ".join(f"{r['mean']['wall_seconds']:.0f} ({_pm(r, 'wall_ratio', '{:.3f}')})"
+                           for r in both if "wall_ratio" in r["mean"])
         lines.append(
             f"| {label[key]} | {a_iid} | {d_iid} | {a_dir} | {d_dir} | {val} | "
             f"{model['cifar10'][key] / 1e3:.2f} ({paper[key]:.2f}) | {model['fashion-mnist'][key] / 1e3:.2f} | "
             f"{counted / 1e3:.2f} | {measured / (4 * counted):.4f} | "
-            f"{sum(r['train_flops_per_example'] for r in both) / len(both) / 1e6:.1f} | "
-            f"{max(r['client_peak_memory'] for r in both) / 1e6:.1f} | {walls} |")
-    levels = results["levels_of_partitions"]
+            f"{mean(both, 'train_flops_per_example') / 1e6:.1f} | "
+            f"{max(r['mean']['client_peak_memory'] for r in both) / 1e6:.1f} | {walls} |")
+    levels = list(results["levels_of_partitions"].values())  # per seed: flag -> level of each partition
+    flags = list(levels[0])
     lines += ["", "| level | shared params | private params | train MFLOPs / example | peak MB of one Adam step "
-              "(batch 32) | partitions at this level, flag " + " / ".join(levels) + " |",
-              "|---|---|---|---|---|---|"]
+              "(batch 32) | partitions at this level, flag " + " / ".join(flags)
+              + (", mean over seeds" if len(levels) > 1 else "") + " |", "|---|---|---|---|---|---|"]
     for row in results["level_costs"]:
         c = row["level"]
-        counts = " / ".join(str(sum(1 for x in v if x == c)) for v in levels.values())
+        counts = " / ".join(f"{sum(sum(1 for x in v[f] if x == c) for v in levels) / len(levels):.3g}" for f in flags)
         lines.append(f"| {c} | {row['shared_params']} | {row['private_params']} | "
                      f"{row['train_flops_per_example'] / 1e6:.1f} | {row['peak_memory'] / 1e6:.1f} | {counts} |")
     s = results["setting"]
     lines.append("")
     lines.append(
-        f"Setting: {s['description']} Accuracy: the final round's central test accuracy (Hetero: the "
-        "level-5 global model). Communication in k parameters per client and round, down + up: the model "
-        "is the expectation (BatchNorm buffers excluded, as in the paper); counted = what these runs' draws "
+        f"Setting: {s['description']}{_seeds_note(results)} Accuracy: the final round's central test accuracy "
+        "(Hetero: the level-5 global model). Communication in k parameters per client and round, down + up: the "
+        "model is the expectation (BatchNorm buffers excluded, as in the paper); counted = what these runs' draws "
         "and levels exchanged (buffers included); measured = the serialized message bytes. FLOPs are counted "
         "(forward + backward), per training example, averaged over both runs. Total "
         f"{results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`.")
     return "\n".join(lines)
 
 
-TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "fedlp": ("fedlp.json", fedlp_table),
     "baselines": ("baselines.json", baselines_table),
     "codec": ("codec_bits.json", codec_table),
@@ -144,10 +183,16 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def update_readme(names: list[str] | None = None) -> None:
+    """Rewrite the tables (all, or ``names``); a renderer that returns None leaves its table as it is."""
     text = README.read_text()
     for name, (file, render) in TABLES.items():
         if (names is None or name in names) and (RESULTS / file).is_file() and f"<!-- table:{name} -->" in text:
-            text = replace_section(text, name, render(json.loads((RESULTS / file).read_text())))
+            body = render(json.loads((RESULTS / file).read_text()))
+            if body is None:
+                print(f"README table {name}: {RESULTS / file} is in the format from before benchmarks/sweep.py; "
+                      f"table left as it is (rerun python -m benchmarks.{name})")
+                continue
+            text = replace_section(text, name, body)
     README.write_text(text)
 
 

@@ -85,7 +85,7 @@ def _proc_start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _descendants(pid: int) -> list[tuple[int, int | None]]:
+def descendants(pid: int) -> list[tuple[int, int | None]]:
     """(pid, start time) of every live descendant of ``pid``, children before grandchildren.
 
     Reads /proc (Linux). Elsewhere it returns nothing: Flower's own helpers (SuperExec,
@@ -111,7 +111,7 @@ def _descendants(pid: int) -> list[tuple[int, int | None]]:
     return out
 
 
-def _alive(pid: int, start_time: int | None) -> bool:
+def alive(pid: int, start_time: int | None) -> bool:
     now = _proc_start_time(pid)
     if now is None:
         try:
@@ -165,7 +165,7 @@ class Proc:
 
     def stop(self, grace: float = STOP_GRACE_SECONDS, sig: int = signal.SIGTERM) -> None:
         """``sig`` to this process, SIGKILL after ``grace`` seconds; then the same for what it started."""
-        tree = _descendants(self.pid)  # before it dies: afterwards its children are re-parented
+        tree = descendants(self.pid)  # before it dies: afterwards its children are re-parented
         if self.running():
             _signal(self.pid, sig)
             try:
@@ -175,11 +175,11 @@ class Proc:
                 self.popen.wait()
         else:
             self.popen.wait()
-        left = [(p, t) for p, t in tree if _alive(p, t)]
+        left = [(p, t) for p, t in tree if alive(p, t)]
         for p, t in left:
             _signal(p, sig)
         deadline = time.monotonic() + grace
-        while (left := [(p, t) for p, t in left if _alive(p, t)]) and time.monotonic() < deadline:
+        while (left := [(p, t) for p, t in left if alive(p, t)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         for p, _ in left:
             _signal(p, signal.SIGKILL)
@@ -187,10 +187,10 @@ class Proc:
     def kill(self) -> None:
         """SIGKILL the process and everything it started, at once (a device losing power)."""
         self.expected_exit = True
-        tree = _descendants(self.pid)
+        tree = descendants(self.pid)
         _signal(self.pid, signal.SIGKILL)
         for p, t in tree:
-            if _alive(p, t):
+            if alive(p, t):
                 _signal(p, signal.SIGKILL)
         self.popen.wait()
 

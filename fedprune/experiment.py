@@ -139,6 +139,10 @@ class FedLPConfig:
     """fedlp-hetero: P(level = preferred_level); the other levels share the rest equally."""
     weighted: bool = _opt(True)
     """Average weighted by examples (as our FedAvg); false = the authors' unweighted mean."""
+    keep_head: bool = _opt(False)
+    """fedlp-hetero: false (the authors' code) = every training round restarts a client's private
+    head from its initial value, so a trained head serves only that round's evaluation; true = the
+    trained head is kept across rounds (client_app/fedlp.py)."""
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,14 @@ FedLP (Zhu et al., ICC 2023) prunes whole layers:
   (``unit="module"``: a conv's weight and bias together, a BatchNorm with its running stats).
 * **Hetero**: client k holds a depth level ``c_k`` in 1..5 for the whole run, drawn from a
   preference distribution; it trains the first ``c_k + 1`` conv layers of the shared trunk plus a
-  private head (:class:`fedprune.models.FedLPCNN`), and exchanges only the trunk.
+  private head (:class:`fedprune.models.FedLPCNN`), and exchanges only the trunk. The head starts
+  every round from its initial value, as in the authors' code, unless ``fedlp.keep_head`` keeps
+  the trained one (client_app/fedlp.py).
 
 Every draw derives from the run seed, so the server recomputes what each client does from the
 partition id it learned through ``query.describe``: levels from ``(seed, "fedlp-level",
-partition_id)``, keep decisions from ``(seed, "fedlp-keep", round, partition_id)``.
+partition_id)``, keep decisions from ``(seed, "fedlp-keep", round, partition_id)``, private heads'
+initial values from ``(seed, "fedlp-head", partition_id)``.
 
 The communication model (:func:`homo_params_per_client_round`,
 :func:`hetero_params_per_client_round`) counts parameters exchanged per client and round, down +

@@ -72,7 +72,7 @@ def _local_superlink_up(env: dict[str, str]) -> bool:
         return False
 
 
-def _superlink_pids(env: dict[str, str]) -> list[int]:
+def superlink_pids(env: dict[str, str]) -> list[int]:
     """PIDs of managed SuperLinks of this Flower home (their log file lives inside it)."""
     marker = str(Path(env["FLWR_HOME"]) / "local-superlink")
     out = subprocess.run(["pgrep", "-f", f"flower-superlink.*{re.escape(marker)}"],
@@ -81,12 +81,12 @@ def _superlink_pids(env: dict[str, str]) -> list[int]:
 
 
 def stop_local_superlink(env: dict[str, str]) -> None:
-    for pid in _superlink_pids(env):
+    for pid in superlink_pids(env):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
-    while _superlink_pids(env) and time.monotonic() < deadline:
+    while superlink_pids(env) and time.monotonic() < deadline:
         time.sleep(0.2)
-    for pid in _superlink_pids(env):
+    for pid in superlink_pids(env):
         os.kill(pid, signal.SIGKILL)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .masks import _WEIGHT_TYPES, apply_masks, check_masks, mask_gradients
+from .masks import WEIGHT_TYPES, apply_masks, check_masks, mask_gradients
 
 __all__ = [
     "FlopReport",
@@ -169,7 +169,7 @@ def count_flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tenso
     total = int(counter.get_total_flops())
     rows = []
     for path, module in model.named_modules():
-        if not isinstance(module, _WEIGHT_TYPES):
+        if not isinstance(module, WEIGHT_TYPES):
             continue
         dense = int(sum(counts.get(f"{root}.{path}" if path else root, {}).values()))
         mask = masks.get(f"{path}.weight" if path else "weight")

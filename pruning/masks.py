@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def prunable_names(model: nn.Module, *, include_bias: bool = False, include_norm: bool = False,
@@ -38,7 +38,7 @@ def prunable_names(model: nn.Module, *, include_bias: bool = False, include_norm
     in module registration order (which is usually, not necessarily, execution order). Any other
     parameter (embeddings, free ``nn.Parameter`` objects) is never returned.
     """
-    layers = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, _WEIGHT_TYPES)]
+    layers = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, WEIGHT_TYPES)]
     skip = set()
     if layers and not include_first:
         skip.add(layers[0][0])
@@ -46,7 +46,7 @@ def prunable_names(model: nn.Module, *, include_bias: bool = False, include_norm
         skip.add(layers[-1][0])
     chosen = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, _WEIGHT_TYPES) and prefix not in skip:
+        if isinstance(module, WEIGHT_TYPES) and prefix not in skip:
             wanted = ("weight", "bias") if include_bias else ("weight",)
         elif isinstance(module, _NORM_TYPES) and include_norm:
             wanted = ("weight", "bias")

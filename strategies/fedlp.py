@@ -10,9 +10,10 @@
   ``numpy_rng(seed, "fedlp-level", partition_id)`` under the preference distribution
   (``fedlp.preferred_level``, ``fedlp.preference_weight``). It receives and returns only the
   shared entries of its level (the first ``c_k + 1`` conv layers and their BatchNorm, or the whole
-  model at level 5); its private head stays in the node's ``context.state``
-  (client_app/fedlp.py). Each global entry is averaged over the nodes that hold it. The server
-  evaluates the level-5 global model; client-side evaluation uses each node's own sub-model.
+  model at level 5); its private head never leaves the node, and restarts every round from its
+  initial value as in the authors' code unless ``fedlp.keep_head`` (client_app/fedlp.py). Each
+  global entry is averaged over the nodes that hold it. The server evaluates the level-5 global
+  model; client-side evaluation uses each node's own sub-model.
 
 Averaging is weighted by examples unless ``fedlp.weighted`` is false (the authors' plain mean).
 Round records add FedLP's ledger: Homo the uploaded share of elements and the entries nobody sent;
@@ -40,8 +41,8 @@ from strategies.validation import TRAIN_METRICS, InvalidReply, check_metrics, ch
 
 
 class FedLPStrategy(FedPruneStrategy):
-    """What both FedLP schemes share: the routine name in each node's config, partition lookup,
-    the expected key set of a reply, and decoding of partial replies."""
+    """What both FedLP schemes share: partition lookup, the expected key set of a reply, and
+    decoding of partial replies."""
 
     def __init__(self, experiment: Experiment) -> None:
         super().__init__(experiment, weighted=experiment.fedlp.weighted)

@@ -2,13 +2,17 @@
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from benchmarks.inprocess import InProcessGrid
 from fedprune.experiment import experiment_from_run_config
 from fedprune.task import new_model
-from fedprune.protocol import STYPE
+from client_app.app import app as client_app
+from fedprune.protocol import STYPE, unpack
 from pruning.codec import encode
+from pruning.scores import synflow_scores
+from pruning.selection import global_topk
 from strategies import RunFailed, build_strategy
 
 
@@ -103,3 +107,35 @@ def test_a_reply_from_a_stale_mask_version_is_rejected(tiny_run_config):
 
     _, records, _ = run(tiny_run_config, "random", rounds=1, tamper=stale, fails=True)
     assert records[1]["rejected_replies"] == 3
+
+
+def test_synflow_is_iterative_and_keeps_every_layer_where_single_shot_disconnects_one(tiny_run_config):
+    strategy, _, _ = run(tiny_run_config, "synflow", rounds=1, extra="pruning.density=0.01")
+    assert strategy.experiment.pruning.synflow_iterations == 100
+    assert all(m.any() for m in strategy.masks.values())
+    initial = new_model(strategy.experiment)  # what the mask was chosen on, before round 1
+    single = global_topk(synflow_scores(initial, strategy.input_shape, strategy.names), 0.01)
+    assert not all(m.any() for m in single.values())  # the old single-shot baseline empties a layer
+
+
+def test_snip_scores_the_union_gradient(tiny_run_config):
+    replies = []
+    strategy, _, grid = run(tiny_run_config, "snip", rounds=1, extra="pruning.density=0.1")
+    initial = {k: v.numpy() for k, v in new_model(strategy.experiment).state_dict().items()}
+    queries = [m for m in grid.sent if m.metadata.message_type == "query.snip"]
+    for q in queries:
+        replies.append(client_app(q, grid.contexts[q.metadata.dst_node_id]))
+    expected = {k: (initial[k].shape, np.dtype(np.float32)) for k in strategy.names}
+    grads = [(unpack(r.content["arrays"], expected), r.content["metrics"]["num-examples"]) for r in replies]
+    assert any((g < 0).any() for g, _ in grads for g in g.values())  # signed gradients, not |g*w|
+    total = sum(n for _, n in grads)
+    union = {k: np.abs(sum(g[k].astype(np.float64) * n for g, n in grads) / total * initial[k]) for k in strategy.names}
+    want = global_topk({k: torch.from_numpy(v) for k, v in union.items()}, 0.1)
+    assert all(np.array_equal(strategy.masks[k], want[k].numpy()) for k in strategy.names)
+
+
+def test_gradual_magnitude_prunes_every_layer_to_the_schedules_density(tiny_run_config):
+    strategy, records, _ = run(tiny_run_config, "gradual-magnitude", rounds=3,
+                               extra="pruning.start_round=1 pruning.end_round=3 pruning.density=0.2")
+    for name, mask in strategy.masks.items():
+        assert mask.mean() == pytest.approx(0.2, abs=1.0 / mask.size + 1e-9), name

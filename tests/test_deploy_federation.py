@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from deploy.certs import make_node_key
-from deploy.launch import LocalFederation, _alive
+from deploy.launch import LocalFederation, alive
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = 10
@@ -57,7 +57,7 @@ def test_launcher_runs_the_default_experiment(tmp_path):
 
     # every process it started is gone, and its temporary work directory with them
     pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", output)]
-    assert len(pids) == 3 and not any(_alive(p, None) for p in pids)
+    assert len(pids) == 3 and not any(alive(p, None) for p in pids)
     workdir = Path(re.search(r"work directory (\S+)", output).group(1))
     assert not workdir.exists()
 
@@ -108,7 +108,7 @@ def test_a_killed_supernode_does_not_stop_the_federation(tmp_path):
         assert killed.is_set()
         assert out.ok, (out.status, out.details)
         assert any("supernode-1" in e and "is gone" in e for e in fed.events)  # the launcher saw it
-        assert not any(_alive(p, None) for p in node_pids)
+        assert not any(alive(p, None) for p in node_pids)
     log = "".join(lines)
     assert re.search(r"Node \d+ replied with an error: .*Node Unavailable", log), log[-3000:]  # the ServerApp logged it
     records = rounds(tmp_path / "outputs" / "node-loss")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from deploy.launch import (CONNECTION, LocalFederation, NodeSpec, Proc, _alive, _descendants, dataset_directory,
+from deploy.launch import (CONNECTION, LocalFederation, NodeSpec, Proc, alive, descendants, dataset_directory,
                            free_port, main)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +51,11 @@ def test_node_config_round_trips_through_flowers_parser():
 
 def test_stop_ends_the_process_and_what_it_started(tmp_path):
     proc = _spawn(tmp_path, "sleep 300 & sleep 300 & wait")
-    assert _wait_for(lambda: len(_descendants(proc.pid)) == 2)
-    tree = _descendants(proc.pid)
+    assert _wait_for(lambda: len(descendants(proc.pid)) == 2)
+    tree = descendants(proc.pid)
     proc.stop(grace=5)
     assert not proc.running()
-    assert not any(_alive(p, t) for p, t in tree)
+    assert not any(alive(p, t) for p, t in tree)
 
 
 def test_stop_escalates_to_sigkill(tmp_path):
@@ -72,7 +72,7 @@ def test_stop_leaves_other_processes_alone(tmp_path):
     bystander = subprocess.Popen(["sleep", "300"])
     proc = _spawn(tmp_path, "sleep 300 & wait")
     try:
-        assert _wait_for(lambda: len(_descendants(proc.pid)) == 1)
+        assert _wait_for(lambda: len(descendants(proc.pid)) == 1)
         proc.stop(grace=5)
         assert bystander.poll() is None
     finally:
@@ -132,7 +132,7 @@ def test_ctrl_c_stops_everything_it_started(tmp_path):
             lines.append(line)
             if "Successfully started run" in line:  # the whole tree is up: SuperLink, SuperNode, flwr run
                 time.sleep(1.0)
-                tree = _descendants(launcher.pid)
+                tree = descendants(launcher.pid)
                 launcher.send_signal(signal.SIGINT)
                 break
         rest, _ = launcher.communicate(timeout=90)
@@ -146,8 +146,8 @@ def test_ctrl_c_stops_everything_it_started(tmp_path):
     assert len(started) == 2, output  # superlink, supernode-0
     assert started <= {p for p, _ in tree}
     assert len(tree) >= 4  # and what they started: SuperExecs, the flwr CLI
-    assert _wait_for(lambda: not any(_alive(p, t) for p, t in tree), timeout=15), \
-        [p for p, t in tree if _alive(p, t)]
+    assert _wait_for(lambda: not any(alive(p, t) for p, t in tree), timeout=15), \
+        [p for p, t in tree if alive(p, t)]
     assert "interrupted" in output
     assert (tmp_path / "w" / "logs" / "superlink.log").is_file()  # the logs stay for a look
 

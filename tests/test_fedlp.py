@@ -108,6 +108,9 @@ def test_module_units_keep_a_layer_with_all_its_entries():
 def test_fedlp_experiment_keys_are_validated(tmp_path):
     hetero = load_experiment("configs/fedlp-hetero.yaml", {"fedlp.preferred_level": 3})
     assert hetero.fedlp.preferred_level == 3 and hetero.model.name == "fedlp-cnn"
+    assert hetero.fedlp.keep_head is False  # the authors' code restarts private heads every round
+    with pytest.raises(ExperimentError, match="fedlp.keep_head"):
+        load_experiment("configs/fedlp-hetero.yaml", {"fedlp.keep_head": "yes"})
     homo = load_experiment("configs/fedlp-homo.yaml")
     assert homo.fedlp.unit == "tensor" and homo.fedlp.weighted is True
     with pytest.raises(ExperimentError, match="fedlp.preferred_level"):

@@ -158,24 +158,35 @@ def test_replies_with_other_key_sets_are_rejected(cifar):
     assert records[1]["rejected_replies"] == 3
 
 
-def test_private_head_persists_in_the_node_state(cifar):
-    rc = run_config(cifar, "configs/fedlp-hetero.yaml", "fedlp.preferred_level=1 fedlp.preference_weight=1.0")
+def level_1_node(cifar, keep_head):
+    """A level-1 run config, a message factory (same shared entries every round) and a decoder of
+    train replies."""
+    rc = run_config(cifar, "configs/fedlp-hetero.yaml",
+                    f"fedlp.preferred_level=1 fedlp.preference_weight=1.0 fedlp.keep_head={str(keep_head).lower()}")
     exp = experiment_from_run_config(rc)
-    strategy = build_strategy(exp)
-    strategy.global_arrays = {k: v.numpy() for k, v in new_model(exp).state_dict().items()}
-    payload = pack({k: strategy.global_arrays[k] for k in strategy.level_keys[1]})
+    assert exp.fedlp.keep_head is keep_head
+    global_arrays = {k: v.numpy() for k, v in new_model(exp).state_dict().items()}
+    keys = build_strategy(exp).level_keys[1]
+    payload = pack({k: global_arrays[k] for k in keys})
 
-    def train_msg():
-        cfg = ConfigRecord({"server-round": 1, "fedlp-level": 1})
-        return Message(RecordDict({"arrays": payload, "config": cfg}), dst_node_id=101, message_type=MessageType.TRAIN)
+    def msg(server_round=1, kind=MessageType.TRAIN):
+        cfg = ConfigRecord({"server-round": server_round, "fedlp-level": 1})
+        return Message(RecordDict({"arrays": payload, "config": cfg}), dst_node_id=101, message_type=kind)
 
+    def decode(reply):
+        return unpack(reply.content["arrays"], expected_of({k: global_arrays[k] for k in keys}))
+
+    return rc, keys, msg, decode
+
+
+def test_private_head_persists_in_the_node_state(cifar):
+    rc, keys, train_msg, decode = level_1_node(cifar, keep_head=True)
     ctx, fresh = make_context(rc, 0, 3), make_context(rc, 0, 3)
-    shared = expected_of({k: strategy.global_arrays[k] for k in strategy.level_keys[1]})
-    first = unpack(client_app(train_msg(), ctx).content["arrays"], shared)
+    first = decode(client_app(train_msg(), ctx))
     head = {k: v.numpy().copy() for k, v in ctx.state["fedlp-head"].items()}
-    second = unpack(client_app(train_msg(), ctx).content["arrays"], shared)
-    again = unpack(client_app(train_msg(), fresh).content["arrays"], shared)
-    assert set(first) == set(strategy.level_keys[1])
+    second = decode(client_app(train_msg(), ctx))
+    again = decode(client_app(train_msg(), fresh))
+    assert set(first) == set(keys)
     assert all(np.array_equal(first[k], again[k]) for k in first)  # same start, same result
     assert any(not np.array_equal(first[k], second[k]) for k in first)  # the trained head carried over
     assert any(not np.array_equal(head[k], v.numpy()) for k, v in ctx.state["fedlp-head"].items())
@@ -183,6 +194,27 @@ def test_private_head_persists_in_the_node_state(cifar):
     wrong.content["config"]["fedlp-level"] = 3
     with pytest.raises(ValueError, match="server says this node .* has level 3, its own draw says 1"):
         client_app(wrong, make_context(rc, 0, 3))
+
+
+def test_private_head_restarts_every_training_round_by_default(cifar):
+    rc, keys, msg, decode = level_1_node(cifar, keep_head=False)
+    ctx = make_context(rc, 0, 3)
+    first = decode(client_app(msg(1), ctx))
+    second = decode(client_app(msg(1), ctx))
+    assert all(np.array_equal(first[k], second[k]) for k in keys)  # the trained head was not reused
+    # round 2 starts from the same initial head whether the node trained before or not
+    later = decode(client_app(msg(2), ctx))
+    fresh = decode(client_app(msg(2), make_context(rc, 0, 3)))
+    assert all(np.array_equal(later[k], fresh[k]) for k in keys)
+    assert any(not np.array_equal(later[k], first[k]) for k in keys)  # other round, other batches
+
+    def val_loss(server_round, context):
+        return client_app(msg(server_round, MessageType.EVALUATE), context).content["metrics"]["loss"]
+
+    # evaluating round 2 uses the head trained in round 2; round 3 (not trained) the initial head
+    assert ctx.state["fedlp-head-meta"]["round"] == 2
+    untrained = val_loss(3, make_context(rc, 0, 3))
+    assert val_loss(3, ctx) == untrained != val_loss(2, ctx)
 
 
 @pytest.mark.parametrize("weighted, expected", [(True, 3.25), (False, 2.5)])

@@ -3,12 +3,21 @@
 Slow (a managed SuperLink, Ray, 3 runs of 2 rounds on small MNIST-format files): about 2 minutes.
 """
 
+import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from fedprune.simulate import simulate, stop_local_superlink, flower_env
+from benchmarks.inprocess import run_inprocess
+from deploy.launch import descendants
+from fedprune.simulate import superlink_pids, flower_env, simulate, stop_local_superlink
 
 
 def free_port() -> int:
@@ -35,6 +44,10 @@ def runs(tmp_path_factory, tiny_mnist):
         snip = {**base, "experiment": "configs/snip.yaml", "seed": 5, "run-name": "snip",
                 "overrides": base["overrides"] + " pruning.density=0.3"}
         outcomes["snip"] = simulate(snip, num_supernodes=3, flwr_home=home, keep_superlink=True, echo=False)
+        broken = {**base, "seed": 5, "run-name": "broken",
+                  "overrides": base["overrides"].replace("partition.scheme=iid", "partition.scheme=dirichlet "
+                                                         "partition.alpha=0.5 partition.min_partition_size=250")}
+        outcomes["broken"] = simulate(broken, num_supernodes=3, flwr_home=home, keep_superlink=True, echo=False)
     finally:
         stop_local_superlink(flower_env(home))
         mp.undo()
@@ -82,6 +95,14 @@ def test_a_pruning_method_keeps_its_mask_across_rounds_under_ray(runs):
     assert all(r["rejected_replies"] == 0 and r["failed_replies"] == 0 for r in records)
 
 
+def test_a_federation_whose_partition_plan_cannot_be_built_fails_before_round_1(runs):
+    outcomes, out = runs
+    assert outcomes["broken"].status == "finished:failed"
+    summary = json.loads((out / "broken" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds"] == 0
+    assert "partition.alpha" in summary["error"] and "0 usable nodes" in summary["error"]
+
+
 def test_a_failing_run_is_reported_as_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(free_port()))
     monkeypatch.setenv("FLWR_LOCAL_CONTROL_API_PORT", str(free_port()))
@@ -90,3 +111,42 @@ def test_a_failing_run_is_reported_as_failed(tmp_path, monkeypatch):
                         "output-dir": str(tmp_path)}, num_supernodes=2, flwr_home=tmp_path / "home",
                        echo=False)
     assert not outcome.ok and outcome.status == "finished:failed"
+
+
+def test_a_killed_run_resumes_to_the_bitwise_same_final_model(tmp_path, monkeypatch, tiny_mnist):
+    """SIGKILL the SuperLink (and the simulation under it) after round 2, resume with --resume."""
+    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(free_port()))
+    monkeypatch.setenv("FLWR_LOCAL_CONTROL_API_PORT", str(free_port()))
+    env = flower_env(tmp_path / "home")
+    out, rounds = tmp_path / "out", 10
+    overrides = f"dataset.name=mnist dataset.root={tiny_mnist} partition.scheme=iid"
+    args = [sys.executable, "-m", "fedprune.simulate", "--num-supernodes", "3", "--num-server-rounds", str(rounds),
+            "--seed", "5", "--run-name", "killed", "--output-dir", str(out), "--overrides", overrides]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    log = out / "killed" / "rounds.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and '"round": 2,' in log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not reach round 2"
+        time.sleep(0.05)
+    for pid in superlink_pids(env):
+        for victim in [pid, *(p for p, _ in descendants(pid))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "killed" / "summary.json").exists()
+    outcome = simulate({"experiment": "configs/fedavg.yaml", "num-server-rounds": rounds, "seed": 5,
+                        "overrides": overrides, "output-dir": str(out), "resume": str(out / "killed")},
+                       num_supernodes=3, flwr_home=tmp_path / "home", echo=False)
+    assert outcome.ok, outcome.details
+    run_inprocess({"experiment": "configs/fedavg.yaml", "num-server-rounds": rounds, "seed": 5,
+                   "overrides": overrides}, 3, tmp_path / "whole")
+    whole = torch.load(tmp_path / "whole" / "final_model.pt", weights_only=True)
+    resumed = torch.load(out / "killed" / "final_model.pt", weights_only=True)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [r["round"] for r in rounds_of(out / "killed")] == list(range(rounds + 1))
+
+
+def rounds_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]

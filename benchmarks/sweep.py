@@ -1,0 +1,189 @@
+"""The sweep runner every benchmark shares: runs x seeds in the in-process federation, one row per
+run and seed, mean and std per run across seeds, the results file and its README table.
+
+A benchmark is a list of run specs, a row function and a table (benchmarks/report.py); its
+``main`` is a few lines::
+
+    args = sweep.parse(sweep.parser(__doc__, "baselines", rounds=6, nodes=10), argv)
+    results = sweep.run(plan(args), args, row, compare)
+    results["setting"]["description"] = "..."
+    return sweep.publish(results, args)
+
+A run spec is a dict: ``name`` (unique), ``config`` (the run config for
+benchmarks.inprocess.run_inprocess: ``experiment``, ``num-server-rounds``, ``overrides``; the
+sweep sets ``seed``), ``nodes``, optionally ``reference`` (the name of the run every seed of this
+one is compared against, e.g. dense FedAvg) and whatever labels the table needs (method,
+density, ...).
+
+Every (run, seed) pair is one task of a spawn Pool (one torch thread per worker) and writes
+``<out>/<name>-s<seed>/``. ``row(spec, seed, summary, records)`` (records: the parsed
+rounds.jsonl) turns it into a flat dict; the sweep adds ``seed`` and ``wall_seconds`` (the whole
+run_inprocess call). ``compare(row, reference_row)`` adds fields computed against the reference's
+row of the same seed (accuracy differences, cost ratios), so their mean is the mean of per-seed
+differences and ratios. Per run, ``mean`` and ``std`` hold every numeric field that every seed
+has; std is the sample standard deviation (ddof=1) and absent with a single seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import report
+
+QUICK_DATA = Path("/tmp/fedprune-quick-mnist")
+DEFAULT_SEEDS = [0, 1, 2]
+
+Row = Callable[[dict, int, dict, list[dict]], dict]
+Compare = Callable[[dict, dict], dict]
+
+
+def parser(doc: str, name: str, *, rounds: int, nodes: int, workers: int = 2) -> argparse.ArgumentParser:
+    """The options every sweep shares; a benchmark may add its own before :func:`parse`.
+    ``name`` is the benchmark's module, results file and README table."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, help=f"server rounds (default {rounds}; --quick: 2)")
+    p.add_argument("--nodes", type=int, help=f"clients (default {nodes}; --quick: 3)")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma-separated run seeds (default 0,1,2; --quick: 0,1)")
+    p.add_argument("--workers", type=int, default=workers, help=f"runs at a time (default {workers})")
+    p.add_argument("--only", type=lambda s: s.split(","), default=[],
+                   help="comma-separated substrings of run names: only those runs and their references")
+    p.add_argument("--out", type=Path, default=report.ROOT / "outputs" / f"bench-{name}",
+                   help="run directories, and the results of a partial sweep (--quick, --only)")
+    p.add_argument("--quick", action="store_true", help="tiny MNIST-format data, 2 rounds, 3 nodes, seeds 0,1")
+    p.set_defaults(name=name, full_defaults=(rounds, nodes, DEFAULT_SEEDS))
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with --quick's defaults; ``args.data_root``: --quick's MNIST files (else None),
+    ``args.command``: the command line for the results file."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    defaults = (2, 3, [0, 1]) if args.quick else args.full_defaults
+    args.rounds, args.nodes, args.seeds = (d if v is None else v for v, d in
+                                           zip((args.rounds, args.nodes, args.seeds), defaults))
+    args.data_root = None
+    if args.quick:
+        from tests.conftest import write_mnist
+
+        args.data_root = write_mnist(QUICK_DATA)
+    args.command = " ".join([p.prog, *argv])
+    return args
+
+
+def select(specs: list[dict], only: list[str]) -> list[dict]:
+    """The specs whose name contains one of ``only`` (all when empty), plus their references."""
+    names = [s["name"] for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must be unique: {names}")
+    if not only:
+        return specs
+    chosen = {s["name"] for s in specs if any(o in s["name"] for o in only)}
+    chosen |= {s["reference"] for s in specs if s["name"] in chosen and s.get("reference")}
+    return [s for s in specs if s["name"] in chosen]
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _execute(job: tuple[dict, int, str, Row]) -> tuple[str, int, float, dict]:
+    spec, seed, out, row = job
+    from benchmarks.inprocess import run_inprocess
+
+    run_dir = Path(out) / f"{spec['name']}-s{seed}"
+    start = time.monotonic()
+    summary = run_inprocess({**spec["config"], "seed": seed}, spec["nodes"], run_dir)
+    wall = time.monotonic() - start
+    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    return spec["name"], seed, summary["final_test_accuracy"], {
+        "seed": seed, "wall_seconds": wall, **row(spec, seed, summary, records)}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """``mean`` and ``std`` (sample, ddof=1; empty with one seed) of every numeric field that every
+    row has, ``seed`` aside."""
+    keys = [k for k in per_seed[0] if k != "seed" and all(_number(r.get(k)) for r in per_seed)]
+    return {"mean": {k: statistics.fmean(r[k] for r in per_seed) for k in keys},
+            "std": {k: statistics.stdev(r[k] for r in per_seed) for k in keys} if len(per_seed) > 1 else {}}
+
+
+def aggregate(specs: list[dict], rows: dict[tuple[str, int], dict], compare: Compare | None = None) -> list[dict]:
+    """One entry per spec that has rows, in the specs' order: the spec, ``per_seed`` (its rows by
+    seed, each with ``compare`` against the reference's row of the same seed), ``mean``, ``std``."""
+    runs = []
+    for spec in specs:
+        per_seed = []
+        for seed in sorted(seed for name, seed in rows if name == spec["name"]):
+            row, reference = rows[spec["name"], seed], rows.get((spec.get("reference"), seed))
+            per_seed.append({**row, **(compare(row, reference) if compare and reference else {})})
+        if per_seed:
+            runs.append({**spec, "per_seed": per_seed, **summarize(per_seed)})
+    return runs
+
+
+def ratio(x: float, reference: float) -> float | None:
+    """``x / reference``, None when the reference is 0."""
+    return x / reference if reference else None
+
+
+def traffic(record: dict, purposes: tuple[str, ...], directions: tuple[str, ...] = ("down", "up")) -> int:
+    """A round record's bytes for these purposes (``bytes_<direction>_<purpose>``; absent: 0)."""
+    return sum(record.get(f"bytes_{d}_{p}", 0) for d in directions for p in purposes)
+
+
+def run(specs: list[dict], args: argparse.Namespace, row: Row, compare: Compare | None = None) -> dict:
+    """Every (run, seed) pair of the selected specs, ``args.workers`` at a time, one progress line
+    each; the results: command, setting (rounds, nodes, workers), seeds, total_seconds, runs."""
+    specs = select(specs, args.only)
+    jobs = [(spec, seed, str(args.out), row) for seed in args.seeds for spec in specs]
+    rows: dict[tuple[str, int], dict] = {}
+    started = time.monotonic()
+    with mp.get_context("spawn").Pool(args.workers, initializer=_one_thread) as pool:
+        for done, (name, seed, accuracy, result) in enumerate(pool.imap_unordered(_execute, jobs), 1):
+            rows[name, seed] = result
+            eta = (time.monotonic() - started) / done * (len(jobs) - done)
+            print(f"{name:<32} seed {seed:<3} acc {accuracy:.4f}  {result['wall_seconds']:5.0f} s  "
+                  f"{done}/{len(jobs)}  ETA {eta / 60:.0f} min", flush=True)
+    return {"command": args.command,
+            "setting": {"rounds": args.rounds, "nodes": args.nodes, "workers": args.workers},
+            "seeds": args.seeds, "total_seconds": time.monotonic() - started,
+            "runs": aggregate(specs, rows, compare)}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``path`` replaced atomically (a reader sees the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def publish(results: dict, args: argparse.Namespace) -> int:
+    """A full sweep: benchmarks/results/<name>.json and its README table. A partial one (--quick,
+    --only): <out>/<name>.json, and the table printed."""
+    partial = args.quick or bool(args.only)
+    path = (args.out if partial else report.RESULTS) / f"{args.name}.json"
+    write_json(path, results)
+    if partial:
+        print(report.TABLES[args.name][1](results))
+    else:
+        report.update_readme([args.name])
+    print(f"wrote {path}{'' if partial else ' and the README table'} in {results['total_seconds']:.0f} s")
+    return 0

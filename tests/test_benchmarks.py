@@ -1,0 +1,61 @@
+"""The sweep's aggregation and the tables it feeds: mean and std per run, per-seed comparisons."""
+
+import json
+
+import pytest
+
+from benchmarks import baselines, report, sweep
+
+
+def test_mean_and_sample_std_per_run_and_per_seed_values_kept():
+    rows = {("a", seed): {"seed": seed, "acc": acc, "curve": [acc], "tag": "x", "val": None}
+            for seed, acc in ((2, 0.9), (0, 0.7), (1, 0.8))}
+    [run] = sweep.aggregate([{"name": "a", "method": "m"}], rows)
+    assert run["method"] == "m" and [r["seed"] for r in run["per_seed"]] == [0, 1, 2]
+    assert run["mean"] == {"acc": pytest.approx(0.8)}  # numeric fields only, seed aside
+    assert run["std"] == {"acc": pytest.approx(0.1)}  # sample std, ddof=1
+    [single] = sweep.aggregate([{"name": "a"}], {("a", 0): rows["a", 0]})
+    assert single["std"] == {}
+
+
+def test_ratios_are_taken_per_seed_against_the_same_seeds_reference():
+    keys = ("final_test_accuracy",) + baselines.RATIOS
+    dense = {0: dict.fromkeys(keys, 1.0), 1: dict.fromkeys(keys, 4.0)}
+    dense[0]["final_test_accuracy"], dense[1]["final_test_accuracy"] = 0.8, 0.9
+    sparse = {0: dict.fromkeys(keys, 0.5), 1: dict.fromkeys(keys, 1.0)}
+    sparse[0]["final_test_accuracy"], sparse[1]["final_test_accuracy"] = 0.75, 0.9
+    rows = {**{("fedavg", s): {"seed": s, **r} for s, r in dense.items()},
+            **{("snip", s): {"seed": s, **r} for s, r in sparse.items()}}
+    specs = [{"name": "fedavg", "reference": "fedavg"}, {"name": "snip", "reference": "fedavg"}]
+    fedavg, snip = sweep.aggregate(specs, rows, baselines.compare)
+    assert snip["mean"]["wall_seconds_ratio"] == pytest.approx((0.5 / 1 + 1 / 4) / 2)  # not 0.75 / 2.5
+    assert snip["std"]["wall_seconds_ratio"] == pytest.approx(0.25 * 2 ** 0.5 / 2)
+    assert snip["mean"]["acc_minus_dense"] == pytest.approx(-2.5)
+    assert fedavg["mean"]["total_bytes_ratio"] == 1.0 and fedavg["std"]["acc_minus_dense"] == 0.0
+    rows["fedavg", 0]["wall_seconds"] = 0.0  # no ratio to a zero: absent from mean and std, None per seed
+    snip = sweep.aggregate(specs, rows, baselines.compare)[1]
+    assert snip["per_seed"][0]["wall_seconds_ratio"] is None and "wall_seconds_ratio" not in snip["mean"]
+
+
+def test_only_selects_by_substring_and_keeps_references():
+    specs = [{"name": n, "reference": "fedavg"} for n in ("fedavg", "snip-d0.1", "snip-d0.05", "synflow-d0.1")]
+    assert [s["name"] for s in sweep.select(specs, ["snip"])] == ["fedavg", "snip-d0.1", "snip-d0.05"]
+    with pytest.raises(ValueError):
+        sweep.select(specs + specs[:1], [])
+
+
+def test_tables_render_sweep_results_and_the_committed_files():
+    rows = {(s["name"], seed): {"seed": seed, "density": s["target_density"], "final_test_accuracy": 0.8,
+                                "bytes_down_per_round": 1e6, "bytes_up_per_round": 1e6, "total_bytes": 4e6,
+                                "setup_bytes": 0, "after_cut_bytes": 2e6, "train_flops_per_round": 1e9,
+                                "client_peak_memory": 1e7, "wall_seconds": 10.0}
+            for s in baselines.plan(6, 10, "") for seed in (0, 1, 2)}
+    results = {"command": "c", "setting": {"description": "d."}, "seeds": [0, 1, 2], "total_seconds": 60,
+               "runs": sweep.aggregate(baselines.plan(6, 10, ""), rows, baselines.compare)}
+    table = report.baselines_table(results)
+    assert ("| snip | 0.10 / 0.100 | float32 | 0.8000 +- 0.0000 | +0.00 +- 0.00 | 1.00 | 1.00 | 1.000 +- 0.000 | "
+            "1.000 +- 0.000 | 0.00 | 1.0 (1.000 +- 0.000) |") in table
+    committed = {name: json.loads((report.RESULTS / file).read_text()) for name, (file, _) in report.TABLES.items()}
+    if not report._swept(committed["baselines"]):
+        assert report.baselines_table(committed["baselines"]) is None
+    assert "| dense FedAvg |" in report.fedlp_table(committed["fedlp"])
