@@ -640,11 +640,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    parser.add_argument("--resume", default="", metavar="RUN_DIR",
+                        help="continue this run directory from its last checkpoint (same experiment)")
     args = parser.parse_args(argv)
 
     run_config = {"experiment": args.experiment, "num-server-rounds": args.num_server_rounds, "seed": args.seed,
                   "overrides": args.overrides, "run-name": args.run_name,
-                  "output-dir": str(Path(args.output_dir).resolve())}
+                  "output-dir": str(Path(args.output_dir).resolve()),
+                  "resume": str(Path(args.resume).resolve()) if args.resume else ""}
     try:
         experiment = experiment_from_run_config(run_config)  # bad input fails here, before any process
     except ExperimentError as exc:
