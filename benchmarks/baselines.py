@@ -8,8 +8,9 @@ runs at a time. Every difference and ratio to dense FedAvg is taken against the 
 same seed, then averaged over seeds. It writes benchmarks/results/baselines.json and regenerates
 the README table.
 
-The setting is smaller than the default federation so that the sweep fits in about an hour on
-2 cores: 10 clients on Fashion-MNIST with Dirichlet(0.5), 5 of them sampled per round, no
+The setting is smaller than the default federation so that the 48 runs fit in about an hour on
+2 shared cores: a fixed random subset of Fashion-MNIST (``--train-size`` training and
+``--test-size`` test images), 10 clients with Dirichlet(0.5), 5 of them sampled per round, no
 client-side evaluation. ``--quick`` runs a tiny version (a smoke test of the script itself).
 """
 
@@ -25,14 +26,13 @@ RATIOS = ("total_bytes", "after_cut_bytes", "train_flops_per_round", "client_pea
 """Costs shown as ratios to dense FedAvg (``<field>_ratio``, per seed)."""
 
 
-def setting_overrides(rounds: int, data_root) -> str:
+def setting_overrides(rounds: int, dataset: str, data_root) -> str:
     """Half the clients per round, no client-side evaluation; magnitude cuts after round 2 and gradual
-    magnitude after rounds 1..rounds-2 (earlier when there are fewer rounds); --quick's data."""
+    magnitude after rounds 1..rounds-2 (earlier when there are fewer rounds); the data."""
     common = (f"sampling.fraction_train=0.5 sampling.fraction_evaluate=0 pruning.warmup_rounds={min(2, rounds - 1)} "
-              f"pruning.start_round=1 pruning.end_round={max(1, rounds - 2)}")
-    if data_root is not None:
-        return common + f" dataset.name=mnist dataset.root={data_root} partition.scheme=iid"
-    return common
+              f"pruning.start_round=1 pruning.end_round={max(1, rounds - 2)} dataset.name={dataset} "
+              f"dataset.root={data_root}")
+    return common + " partition.scheme=iid" if dataset == "mnist" else common
 
 
 def plan(rounds: int, nodes: int, overrides: str) -> list[dict]:
@@ -81,13 +81,22 @@ def compare(row: dict, dense: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sweep.parse(sweep.parser(__doc__, "baselines", rounds=6, nodes=10), argv)
-    overrides = setting_overrides(args.rounds, args.data_root)
+    parser = sweep.parser(__doc__, "baselines", rounds=6, nodes=10)
+    parser.add_argument("--train-size", type=int, default=12000)
+    parser.add_argument("--test-size", type=int, default=2000)
+    args = sweep.parse(parser, argv)
+    if args.quick:
+        dataset, data_root, data = "mnist", args.data_root, "tiny MNIST-format files, iid"
+    else:
+        dataset, data_root = "fashion-mnist", sweep.fashion_subset(args.out / "data", args.train_size, args.test_size)
+        data = (f"Fashion-MNIST (a fixed random subset of {args.train_size} training and {args.test_size} test "
+                "images), Dirichlet(0.5)")
+    overrides = setting_overrides(args.rounds, dataset, data_root)
     results = sweep.run(plan(args.rounds, args.nodes, overrides), args, row, compare)
-    results["setting"].update(overrides=overrides, description=(
-        f"{'tiny MNIST-format files, iid' if args.quick else 'Fashion-MNIST, Dirichlet(0.5)'}, {args.nodes} clients, "
-        f"half sampled per round, {args.rounds} rounds, 1 local epoch, small CNN, global top-k allocation, "
-        f"in-process federation (real strategies and ClientApp), {args.workers} runs at a time."))
+    results["setting"].update(overrides=overrides, train_size=args.train_size, test_size=args.test_size, description=(
+        f"{data}, {args.nodes} clients, half sampled per round, {args.rounds} rounds, 1 local epoch, small CNN, "
+        "allocation as each method's config (global top-k; gradual magnitude per layer), in-process federation "
+        f"(real strategies and ClientApp), {args.workers} runs at a time."))
     return sweep.publish(results, args)
 
 

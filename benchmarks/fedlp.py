@@ -22,11 +22,8 @@ version (a smoke test of the script itself).
 
 from __future__ import annotations
 
-import struct
 import sys
 from pathlib import Path
-
-import numpy as np
 
 from benchmarks import sweep
 
@@ -62,26 +59,6 @@ def plan(rounds: int, nodes: int, fraction: float, data_root: Path, dataset: str
              "config": {"experiment": f"configs/{run['method']}.yaml", "num-server-rounds": rounds,
                         "overrides": overrides(run, data_root, dataset, fraction)}}
             for run in runs]
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_subset(directory: Path, train_size: int, test_size: int) -> Path:
-    """A fixed random subset of Fashion-MNIST as IDX files (seeded; the same on every machine)."""
-    from fedprune.data import load_dataset
-    from fedprune.seeding import numpy_rng
-
-    splits = load_dataset("fashion-mnist")
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, x, y, n in (("train", splits.train_x, splits.train_y, train_size),
-                            ("t10k", splits.test_x, splits.test_y, test_size)):
-        idx = np.sort(numpy_rng(0, "fedlp-bench-subset", prefix).choice(len(y), size=min(n, len(y)), replace=False))
-        write_idx(directory / f"{prefix}-images-idx3-ubyte", x.numpy()[idx, 0])
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte", y.numpy()[idx])
-    return directory
 
 
 def overrides(run: dict, data_root: Path, dataset: str, fraction: float) -> str:
@@ -205,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.fraction, dataset, data_root = 0.5, "mnist", args.data_root
     else:
-        dataset, data_root = "fashion-mnist", write_subset(args.out / "data", args.train_size, args.test_size)
+        dataset, data_root = "fashion-mnist", sweep.fashion_subset(args.out / "data", args.train_size, args.test_size)
     results = sweep.run(plan(args.rounds, args.nodes, args.fraction, data_root, dataset), args, row, compare)
     from fedprune.fedlp import draw_level, preference_probs
 

@@ -32,10 +32,13 @@ import math
 import multiprocessing as mp
 import os
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks import report
 
@@ -187,3 +190,26 @@ def publish(results: dict, args: argparse.Namespace) -> int:
         report.update_readme([args.name])
     print(f"wrote {path}{'' if partial else ' and the README table'} in {results['total_seconds']:.0f} s")
     return 0
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes, as (Fashion-)MNIST ships them."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def fashion_subset(directory: Path, train_size: int, test_size: int) -> Path:
+    """A fixed random subset of Fashion-MNIST as IDX files (seeded; the same on every machine), so a
+    sweep of many runs fits the machine."""
+    from fedprune.data import load_dataset
+    from fedprune.seeding import numpy_rng
+
+    splits = load_dataset("fashion-mnist")
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, x, y, n in (("train", splits.train_x, splits.train_y, train_size),
+                            ("t10k", splits.test_x, splits.test_y, test_size)):
+        # the purpose string predates the helper; kept so that committed results stay reproducible
+        idx = np.sort(numpy_rng(0, "fedlp-bench-subset", prefix).choice(len(y), size=min(n, len(y)), replace=False))
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", x.numpy()[idx, 0])
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", y.numpy()[idx])
+    return directory

@@ -33,6 +33,27 @@ STYPE = "fedprune.codec/1"
 TRAIN, EVALUATE = "train", "evaluate"
 DESCRIBE = "describe"
 SNIP = "snip"
+NTK, NTK_ITERATION = "ntk", "ntk-iteration"
+"""ntk-zo: one federated NTK-SAP scoring round per pruning iteration (config: the iteration, 1..n)."""
+ZO_SCALARS, ZO_REPLAY = "zo-scalars", "zo-replay"
+"""ntk-zo / zo-dense: a node's K scalars per local step (its reply's only array); the record of
+the model updates a node missed (``seeds``, ``scalars``), sent instead of the model."""
+ZO_SEEDS, ZO_VERSION, ZO_FROM = "zo-seeds", "zo-version", "zo-from"
+"""ntk-zo / zo-dense config: this round's step seeds; the model version the node ends at (also a
+reply metric); the version a replay starts from (-1: the message carries the model)."""
+BN_STATS = "bn_stats"
+"""FedTiny: clients recalibrate every candidate's BatchNorm statistics and upload them."""
+CANDIDATE_LOSS = "candidate_loss"
+"""FedTiny: clients evaluate every candidate with the aggregated statistics."""
+TOPK_GRADS = "topk_grads"
+"""FedTiny: clients upload their top-K gradients at pruned positions from their last training batch.
+(Flower registers a query phase under its name, so phase names are Python identifiers.)"""
+EXPLORE = "explore"
+"""AutoFLIP's loss exploration before round 1."""
+DEVIATION = "deviation"
+"""Record of squared parameter deviations (AutoFLIP exploration replies)."""
+EXPLORE_EPOCHS = "explore-epochs"
+"""Metric: exploration epochs a node ran after its base epoch."""
 
 
 def query(phase: str) -> str:
@@ -155,6 +176,8 @@ def unpack(record: ArrayRecord, expected: Expected, masks: Mapping[str, np.ndarr
         shape, dtype = expected[name]
         _check_declared(name, arr, shape, dtype)
         if arr.stype != STYPE:
+            if name in masks:
+                raise ProtocolError(f"{name}: a masked tensor must travel as a {STYPE} blob of its kept values")
             out[name] = _plain_numpy(name, arr, shape, np.dtype(dtype))
             continue
         try:

@@ -406,6 +406,11 @@ def inspect(blob, *, shape: tuple[int, ...] | None = None,
     elif encoding == "rice":
         # unary: nnz ones and at most (numel - nnz) >> k zeros (the gaps sum to <= numel - nnz)
         max_unary_bits = nnz + ((numel - nnz) >> k) if nnz else 0
+        if nnz * k > numel - nnz:
+            # the encoder's k never spends more remainder bits than the skipped positions they
+            # count; a larger k only inflates decoding (an (nnz, k) table per blob)
+            raise CodecError(f"Rice parameter k={k} for nnz={nnz} of numel={numel}: more remainder bits "
+                             "than skipped positions")
         rem = -(-nnz * k // 8)
         lo, hi = -(-nnz // 8) + rem, -(-max_unary_bits // 8) + rem
     else:

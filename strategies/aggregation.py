@@ -41,6 +41,12 @@ def masked_average(arrays: Sequence[Mapping[str, np.ndarray]], coverage: Sequenc
                 num += float(w) * np.where(kept, values, 0.0)
                 den += float(w) * kept
         avg = np.where(den > 0, num / np.where(den > 0, den, 1.0), prev)
+        if np.issubdtype(prev.dtype, np.integer):
+            # int64's maximum is no float64 (2**63 - 1 rounds up to 2**63, which the cast would wrap
+            # to -2**63): clip to the largest float64 inside the dtype's range first
+            info = np.iinfo(prev.dtype)
+            hi = np.nextafter(np.float64(info.max), 0) if int(np.float64(info.max)) > info.max else info.max
+            avg = np.clip(np.rint(avg), info.min, hi)
         # np.asarray: np.rint of a 0-d array (num_batches_tracked) is a numpy scalar, not an array
         out[name] = np.asarray(avg.astype(prev.dtype) if np.issubdtype(prev.dtype, np.floating)
                                else np.rint(avg).astype(prev.dtype))

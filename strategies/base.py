@@ -47,7 +47,7 @@ from pruning.codec import CodecError
 from strategies.aggregation import masked_average
 from strategies.ledger import MeteredGrid
 from strategies.validation import (EVALUATE_METRICS, TRAIN_METRICS, InvalidReply, aggregate_metrics,
-                                   check_int, check_metrics, check_num_examples)
+                                   check_int, check_metrics, check_num_examples, metrics_of)
 
 NODE_POLL_SECONDS = 1.0
 
@@ -155,13 +155,15 @@ class FedPruneStrategy(FedAvg):
         if new:
             outcome = self.run_phase(grid, protocol.DESCRIBE, new, lambda n: RecordDict({}), self._check_describe,
                                      refuse=True)
+            # the federation's number of partitions: the members', else the most common (then smallest) claim
+            claims = [i.num_partitions for i in self.nodes.values()] or [i.num_partitions for _, i in outcome]
+            num = min(set(claims), key=lambda c: (-claims.count(c), c)) if claims else None
             for node, info in outcome:
                 taken = {i.partition_id: n for n, i in self.nodes.items()}
-                nums = {i.num_partitions for i in self.nodes.values()}
                 if info.partition_id in taken:
                     why = f"partition-id {info.partition_id} is already held by node {taken[info.partition_id]}"
-                elif nums and info.num_partitions not in nums:
-                    why = f"num-partitions {info.num_partitions} differs from the federation's {nums.pop()}"
+                elif info.num_partitions != num:
+                    why = f"num-partitions {info.num_partitions} differs from the federation's {num}"
                 else:
                     self.nodes[node] = info
                     continue
@@ -299,8 +301,8 @@ class FedPruneStrategy(FedAvg):
 
     def check_mask_version(self, msg: Message) -> None:
         """A reply must come from work under the current mask (a missing version means 0: dense)."""
-        version = check_int(msg, protocol.MASK_VERSION, 0, 1 << 62) if protocol.MASK_VERSION in \
-            msg.content.metric_records.get(protocol.METRICS, {}) else 0
+        has_version = protocol.MASK_VERSION in metrics_of(msg)
+        version = check_int(msg, protocol.MASK_VERSION, 0, 1 << 62) if has_version else 0
         if version != self.mask_version:
             raise InvalidReply(f"trained under mask version {version}, current is {self.mask_version}")
 

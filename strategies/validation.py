@@ -16,6 +16,9 @@ from flwr.app import Message
 from fedprune import protocol
 
 MAX_NUM_EXAMPLES = 10**9
+MAX_METRIC = 1e30
+"""Upper bound of any metric (a loss, a FLOP count, bytes): far above every real value, and small
+enough that sums and means over any number of replies stay finite."""
 
 
 class InvalidReply(ValueError):
@@ -27,7 +30,7 @@ class Metric:
     """What a strategy accepts of one reply metric, and how it aggregates it over replies."""
 
     lo: float = 0.0
-    hi: float = math.inf
+    hi: float = MAX_METRIC
     required: bool = False
     how: str = "mean"
     """``mean`` (weighted by examples), ``sum`` (a cost over clients) or ``max`` (a peak)."""
@@ -97,7 +100,7 @@ def aggregate_metrics(values: list[dict[str, float]], weights: list[int],
             continue
         xs = [v[key] for v in values]
         out[key] = (sum(xs) if rule.how == "sum" else max(xs) if rule.how == "max"
-                    else sum(x * w for x, w in zip(xs, weights)) / total)
+                    else sum(x * (w / total) for x, w in zip(xs, weights)))
     out[protocol.NUM_EXAMPLES] = int(total)
     out["num-nodes"] = len(values)
     return out
