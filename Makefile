@@ -38,12 +38,13 @@ demo: venv data
 test: venv data
 	$(PY) -m pytest -q
 
-# Reruns the benchmarks (each sweep about half an hour to an hour on 2 cores) and regenerates the
+# Reruns the benchmarks (each sweep, 3 seeds, about an hour or more on 2 cores) and regenerates the
 # README tables. benchmarks.demo and benchmarks.deployment run separately (python -m ...).
 bench: venv data
 	$(PY) benchmarks/codec_bits.py
 	$(PY) -m benchmarks.baselines
 	$(PY) -m benchmarks.fedlp
+	$(PY) -m benchmarks.fedtiny
 	$(PY) -m benchmarks.report
 
 # Stop a managed local SuperLink left running by `python -m fedprune.simulate --keep-superlink`.

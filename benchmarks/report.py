@@ -7,6 +7,7 @@ README.md between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``. Sweep re
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable
@@ -168,10 +169,17 @@ def fedlp_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def method_table(module: str) -> Callable[[dict], str | None]:
+    """The ``table(results)`` of a method's benchmark module, imported when rendered (the
+    benchmarks import this module)."""
+    return lambda results: importlib.import_module(module).table(results)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "fedlp": ("fedlp.json", fedlp_table),
     "baselines": ("baselines.json", baselines_table),
     "codec": ("codec_bits.json", codec_table),
+    "fedtiny": ("fedtiny.json", method_table("benchmarks.fedtiny")),
 }
 
 

@@ -114,8 +114,9 @@ def training_costs(model: torch.nn.Module, masks, x: torch.Tensor, y: torch.Tens
            tuple(sorted((k, int(m.sum())) for k, m in (masks or {}).items())))
     if key not in _FLOPS_CACHE:
         _FLOPS_CACHE[key] = count_flops(model, x[:1], masks, training=True).effective
+    batch = (x[: c.batch_size].clone(), y[: c.batch_size].clone())  # a slice's storage is the whole set's
     memory = training_step_memory(
-        model, torch.nn.functional.cross_entropy, (x[: c.batch_size], y[: c.batch_size]), masks=masks,
+        model, torch.nn.functional.cross_entropy, batch, masks=masks,
         optimizer_factory=None if c.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=c.lr)),
     )
     return {protocol.FLOPS: float(_FLOPS_CACHE[key] * len(x) * c.local_epochs),

@@ -38,7 +38,8 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
-MODELS = ("cnn", "cnn-bn", "resnet20", "resnet32", "vgg11-bn", "fedlp-cnn")
+MODELS = ("cnn", "cnn-bn", "resnet20", "resnet32", "vgg11-bn", "fedlp-cnn",
+          "gated-cnn", "gated-resnet20", "gated-resnet32", "gated-vgg11")
 SCHEMES = ("iid", "dirichlet", "pathological")
 ALLOCATIONS = ("global", "uniform", "erk")
 
@@ -146,6 +147,144 @@ class FedLPConfig:
 
 
 @dataclass(frozen=True)
+class AutoFlipConfig:
+    """AutoFLIP, exploration-guided pruning (Internò et al. 2024; strategies/autoflip.py). Defaults
+    are the paper's commands where they give one; configs/autoflip.yaml explores shorter."""
+
+    quantile: float = _opt(0.3, lo=0.0, hi=0.99, lo_open=True)
+    """q: positions whose normalized guidance is at or below the global q quantile are pruned."""
+    structured_quantile: float = _opt(0.2, lo=0.0, hi=0.9)
+    """q_s: every hidden Conv/Linear layer also loses this share of its units (filters, neurons),
+    those of lowest mean guidance, physically (our rule for the paper's hybrid pruning); 0 =
+    unstructured only, as the v1 paper and the authors' code. Needs a chain model (cnn, cnn-bn,
+    vgg11-bn) and every parameter of a unit maskable (pruning.include_bias; include_norm with
+    BatchNorm)."""
+    explore_fraction: float = _opt(1.0, lo=0.0, hi=1.0, lo_open=True)
+    """rho: share of the clients that explore (paper: 1.0)."""
+    explore_epochs: int = _opt(150, lo=1, hi=10_000)
+    """E_x: most exploration epochs after the base epoch (paper: 150)."""
+    patience: int = _opt(40, lo=1)
+    """P: exploration stops after this many epochs without a lower validation loss (paper: 40)."""
+    normalization: str = _opt("minmax", choices=("minmax", "robust"))
+    """Per-tensor guidance normalization: min-max (paper) or (g - median) / IQR."""
+    server_momentum: float = _opt(0.9, lo=0.0, hi=0.999)
+    """beta of the authors' server update v <- beta v + (1 - beta)(theta - avg), theta <- theta - v
+    (0: plain FedAvg)."""
+    warm_start: bool = _opt(True)
+    """Training starts from the example-weighted mean of the explored models (false: the initial model)."""
+    prune: bool = _opt(True)
+    """false: no mask, the control (dense FedAvg with the same warm start and server momentum;
+    with warm_start false too, nothing is explored)."""
+    mask: str = _opt("guided", choices=("guided", "random"))
+    """random: the control with the guided mask's shape (units removed per layer, kept positions
+    per tensor) at random positions."""
+    refresh: bool = _opt(False)
+    """Choose the mask again after every round from the participants' deviations (each explores one
+    base and one exploration epoch, dense, from the round's model; the authors' "dynamic" variant)."""
+
+
+@dataclass(frozen=True)
+class FedTinyConfig:
+    """FedTiny, adaptive BatchNorm selection + progressive pruning (Huang et al., ICDCS 2023;
+    strategies/fedtiny.py). Defaults are the authors' code where it gives one; configs/fedtiny.yaml
+    shortens the schedule to its run."""
+
+    server_shots: int = _opt(5, lo=1, hi=10_000)
+    """Labelled TRAIN images per class the server holds out for its warm-up (drawn from
+    partition.seed; no client trains or validates on them)."""
+    warmup_epochs: int = _opt(3, lo=0, hi=1000)
+    """Epochs of dense training on the server's images before the candidates are cut (the clients'
+    optimizer and batch size); 0 = none."""
+    num_candidates: int = _opt(5, lo=1, hi=100)
+    """N: candidate masks in the pool."""
+    density_noise: float = _opt(0.5, lo=0.0, hi=0.99)
+    """A candidate's density of layer l is d * (1 + U(-noise, noise)), redrawn until the global
+    density is within 2% of pruning.density."""
+    selection: str = _opt("abns", choices=("abns", "no-recalibration", "random"))
+    """abns: clients recalibrate each candidate's BatchNorm statistics, the server averages them and
+    keeps the candidate of lowest federated validation loss; no-recalibration: the same choice
+    with the warmed-up dense model's statistics (the paper's ablation); random: a candidate drawn
+    from the run seed (with its recalibrated statistics)."""
+    adjust_rate: float = _opt(0.1, lo=0.0, hi=1.0)
+    """alpha: share of a layer's kept weights pruned and regrown per adjustment, cosine-decayed to 0
+    at t_end; 0 = the static coarse mask."""
+    delta: int = _opt(10, lo=1)
+    """Rounds between adjustments (granularity entire and block)."""
+    t_end: int = _opt(100, lo=1)
+    """Last round after which the mask may adjust."""
+    granularity: str = _opt("entire", choices=("entire", "block", "layer"))
+    """Which layers one adjustment covers: all masked ones, one block (cycled deepest first), or one
+    layer (every round, deepest first)."""
+    memory_budget: int | None = _opt(None, lo=1, nullable=True)
+    """Bytes a client's measured training step may take (pruning.accounting.training_step_memory
+    of its sparse training state); null = no budget. Checked on the server before round 1, by the
+    clients before they train and on every training reply."""
+
+
+@dataclass(frozen=True)
+class NtkZoConfig:
+    """Foresight pruning meets zeroth-order training (Zhang et al. 2024; strategies/ntk_zo.py):
+    a federated NTK-SAP mask before round 1 (``ntk-zo``), then backprop-free training from seeds
+    and scalars (``ntk-zo``, and ``zo-dense`` without a mask)."""
+
+    saliency: str = _opt("data-free", choices=("data-free", "local-data", "snip"))
+    """ntk-zo: how clients score the mask: ``data-free`` (NTK-SAP on Gaussian inputs), ``local-data``
+    (NTK-SAP on local batches) or ``snip`` (the SNIP phase, per pruning.snip_scoring)."""
+    prune_iterations: int = _opt(5, lo=1, hi=1000)
+    """ntk-zo: scoring rounds, on the exponential schedule density ** (j / n) (1 = one shot)."""
+    draws: int = _opt(1, lo=1, hi=1000)
+    """ntk-zo: NTK-SAP draws (inputs, weight perturbation, weights) per client and scoring round."""
+    score_batch_size: int = _opt(64, lo=1)
+    """ntk-zo: inputs per NTK-SAP draw."""
+    epsilon: float = _opt(0.01, lo=0.0, lo_open=True)
+    """ntk-zo: scale of NTK-SAP's weight perturbation (the authors' default)."""
+    resample_weights: bool = _opt(True)
+    """ntk-zo: NTK-SAP's multi-sampling: every draw scores fresh weights from the model's own
+    initialization; false scores the global initial weights."""
+    num_perturbations: int = _opt(20, lo=1, hi=10_000)
+    """K: perturbation directions per ZO step; a client uploads K scalars per step."""
+    sigma: float = _opt(1e-3, lo=0.0, lo_open=True)
+    """Smoothing (finite-difference step) of the ZO estimate."""
+    difference: str = _opt("forward", choices=("forward", "central"))
+    """forward: K + 1 forward passes per step; central: 2K."""
+    local_steps: int = _opt(1, lo=1, hi=1000)
+    """ZO steps per client and round, each with its own seed and K scalars."""
+    lr: float = _opt(0.001, lo=0.0, lo_open=True, hi=10.0)
+    """ZO step size (server and clients apply the same plain SGD step)."""
+    forward_chunk: int = _opt(0, lo=0)
+    """Examples per forward micro-batch of a ZO loss (0: the whole batch); less activation memory."""
+    max_scalar: float = _opt(1e4, lo=0.0, lo_open=True)
+    """A reply with a scalar of larger magnitude is rejected."""
+    clip: float = _opt(0.0, lo=0.0)
+    """Each client's scalars are clipped to [-clip, clip] before they are averaged (and a client's
+    own local steps clip the same way): bounds one client's influence and stops a diverging run
+    from running away; 0 = no clipping."""
+    max_replay_rounds: int = _opt(50, lo=0)
+    """A node at most this many model versions behind gets the missed seeds and scalars; further
+    behind (or without the model) it gets the model."""
+
+
+@dataclass(frozen=True)
+class FedDPConfig:
+    """FedDP, adaptive dynamic pruning (Yu et al., CCGrid 2023; strategies/feddp.py): gated models
+    keep each sample's top-r channels per convolution; a local correction rule; optionally the
+    magnitude threshold of the authors' second code version."""
+
+    keep_ratio: float = _opt(0.7, lo=0.0, hi=1.0, lo_open=True)
+    """r: each gated convolution keeps max(1, round(r * C_out)) output channels per sample (the
+    authors' gated code: 0.7); below 1 it needs a gated model (model.name gated-*)."""
+    correction: str = _opt("scaffold", choices=("none", "fedprox", "scaffold"))
+    """The local update rule, our reading of the paper's "adaptive gradient": ``scaffold`` (control
+    variates, Karimireddy et al. 2020, as the authors' first code runs it, on parameters only),
+    ``fedprox`` (proximal term feddp.mu) or ``none`` (plain FedAvg)."""
+    mu: float = _opt(0.01, lo=0.0)
+    """fedprox: the proximal coefficient (the authors' code: 0.01)."""
+    threshold: float = _opt(0.0, lo=0.0)
+    """tau of the authors' second code version: after every local epoch, convolution weights with
+    |w| <= tau are set to 0, so uploads go sparse (their default 1e-3); 0 = off."""
+
+
+@dataclass(frozen=True)
 class TransportConfig:
     value_dtype: str = _opt("float32", choices=("float32", "float16"))
     """Precision of weights on the wire (both directions); float16 is lossy."""
@@ -170,6 +309,10 @@ class Experiment:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     fedlp: FedLPConfig = field(default_factory=FedLPConfig)
+    feddp: FedDPConfig = field(default_factory=FedDPConfig)
+    ntk_zo: NtkZoConfig = field(default_factory=NtkZoConfig)
+    fedtiny: FedTinyConfig = field(default_factory=FedTinyConfig)
+    autoflip: AutoFlipConfig = field(default_factory=AutoFlipConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +416,11 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
 
 def _check_across_keys(experiment: Experiment) -> None:
     p, rounds = experiment.pruning, experiment.num_server_rounds
+    if experiment.method == "feddp" and experiment.feddp.keep_ratio < 1 and \
+            not experiment.model.name.startswith("gated-"):
+        raise ExperimentError(f"feddp.keep_ratio: got {experiment.feddp.keep_ratio} with model.name "
+                              f"{experiment.model.name!r}; a keep ratio below 1 needs a gated model (gated-cnn, "
+                              "gated-resnet20, gated-resnet32, gated-vgg11), or keep_ratio 1.0")
     if experiment.method == "magnitude" and p.warmup_rounds >= rounds:
         raise ExperimentError(f"pruning.warmup_rounds: got {p.warmup_rounds} with num_server_rounds {rounds}; "
                               f"allowed: < {rounds} (the cut follows the warm-up; the pruned model needs a round)")
@@ -285,6 +433,25 @@ def _check_across_keys(experiment: Experiment) -> None:
     if experiment.method == "fedlp-hetero" and experiment.model.name != "fedlp-cnn":
         raise ExperimentError(f"model.name: got {experiment.model.name!r} with method fedlp-hetero; allowed: "
                               "fedlp-cnn (the model whose depth levels FedLP-Hetero defines)")
+    if experiment.method == "autoflip" and not experiment.autoflip.prune and (
+            experiment.autoflip.refresh or experiment.autoflip.mask != "guided"):
+        raise ExperimentError("autoflip.prune: got false with autoflip.refresh or autoflip.mask: random; allowed: "
+                              "true (refresh and the random mask choose masks)")
+    if experiment.method == "autoflip" and experiment.autoflip.refresh and experiment.autoflip.mask != "guided":
+        raise ExperimentError("autoflip.refresh: got true with autoflip.mask: random; allowed: false (refresh "
+                              "chooses guided masks)")
+    if experiment.method == "fedtiny":
+        t = experiment.fedtiny
+        if experiment.model.name == "cnn":
+            raise ExperimentError("model.name: got 'cnn' with method fedtiny; allowed: a model with BatchNorm "
+                                  "(cnn-bn, resnet20, resnet32, vgg11-bn, fedlp-cnn)")
+        if experiment.partition.val_fraction == 0:
+            raise ExperimentError("partition.val_fraction: got 0.0 with method fedtiny; allowed: > 0 (clients "
+                                  "recalibrate and evaluate the candidates on their validation split)")
+        if t.adjust_rate > 0 and t.granularity != "layer" and t.delta > min(t.t_end, experiment.num_server_rounds):
+            raise ExperimentError(f"fedtiny.delta: got {t.delta} with t_end {t.t_end} and num_server_rounds "
+                                  f"{experiment.num_server_rounds}; allowed: <= both (else the mask never adjusts; "
+                                  "fedtiny.adjust_rate: 0 is the static mask)")
     if METHODS[experiment.method].masked and p.density == 1.0:
         raise ExperimentError(f"pruning.density: got 1.0 with method {experiment.method!r}; allowed: "
                               "0 < density < 1 (use method fedavg for a dense model)")

@@ -48,6 +48,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            masked=False),
     Method("fedlp-hetero", "strategies.fedlp:FedLPHetero", "configs/fedlp-hetero.yaml",
            client="client_app.fedlp:HETERO", masked=False),
+    Method("feddp", "strategies.feddp:FedDP", "configs/feddp.yaml", client="client_app.feddp:FEDDP", masked=False),
+    Method("fedtiny", "strategies.fedtiny:FedTiny", "configs/fedtiny.yaml", client="client_app.fedtiny:FEDTINY"),
+    Method("autoflip", "strategies.autoflip:AutoFlip", "configs/autoflip.yaml", client="client_app.autoflip:AUTOFLIP",
+           masked=False),
+    Method("ntk-zo", "strategies.ntk_zo:NtkZo", "configs/ntk-zo.yaml", client="client_app.ntk_zo:NTK_ZO"),
+    Method("zo-dense", "strategies.ntk_zo:ZeroOrder", "configs/zo-dense.yaml", client="client_app.ntk_zo:ZO",
+           masked=False),
 )}
 
 

@@ -165,6 +165,10 @@ class FedLPCNN(nn.Module):
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    if name.startswith("gated-"):  # FedDP's gated variants (fedprune/gated.py) derive from the models above
+        from fedprune.gated import build_gated
+
+        return build_gated(name, in_channels, num_classes, image_size)
     if name in ("cnn", "cnn-bn"):
         return SmallCNN(in_channels, num_classes, image_size, batchnorm=name == "cnn-bn")
     if name in ("resnet20", "resnet32"):
