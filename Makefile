@@ -45,6 +45,7 @@ bench: venv data
 	$(PY) -m benchmarks.baselines
 	$(PY) -m benchmarks.fedlp
 	$(PY) -m benchmarks.fedtiny
+	$(PY) -m benchmarks.feddp
 	$(PY) -m benchmarks.report
 
 # Stop a managed local SuperLink left running by `python -m fedprune.simulate --keep-superlink`.

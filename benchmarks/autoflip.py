@@ -258,14 +258,14 @@ def table(results: dict) -> str:
     for r in results["runs"]:
         m = r["mean"]
         explore = f"{m['explore_epochs']:.1f}" if "explore_epochs" in m else "-"
-        step = report._pm(r, "step_time_ratio", "{:.3f}") if "step_time_ratio" in m else "1 (dense)"
+        step = report.pm(r, "step_time_ratio", "{:.3f}") if "step_time_ratio" in m else "1 (dense)"
         lines.append(
             f"| {r['partition']} | {r['key']} | {'' if r['quantile'] is None else r['quantile']} | "
-            f"{m['density']:.3f} | {report._pm(r, 'final_test_accuracy')} | "
-            f"{report._pm(r, 'acc_minus_fedavg', '{:+.2f}')} | {report._pm(r, 'total_bytes_ratio', '{:.3f}')} "
-            f"({report._pm(r, 'round_bytes_ratio', '{:.3f}')}) | {report._pm(r, 'total_flops_ratio', '{:.3f}')} "
-            f"({report._pm(r, 'round_flops_ratio', '{:.3f}')}) | {m.get('executed_flops_ratio', 1.0):.3f} | {step} | "
-            f"{report._pm(r, 'round_compute_seconds_ratio', '{:.3f}')} | {explore} |")
+            f"{m['density']:.3f} | {report.pm(r, 'final_test_accuracy')} | "
+            f"{report.pm(r, 'acc_minus_fedavg', '{:+.2f}')} | {report.pm(r, 'total_bytes_ratio', '{:.3f}')} "
+            f"({report.pm(r, 'round_bytes_ratio', '{:.3f}')}) | {report.pm(r, 'total_flops_ratio', '{:.3f}')} "
+            f"({report.pm(r, 'round_flops_ratio', '{:.3f}')}) | {m.get('executed_flops_ratio', 1.0):.3f} | {step} | "
+            f"{report.pm(r, 'round_compute_seconds_ratio', '{:.3f}')} | {explore} |")
     lines += ["", "| split | accuracy gap | points: final round / mean of the last 5 rounds (mean +- std over seeds "
               "of the per-seed differences) |", "|---|---|---|"]
     labels = {"autoflip_vs_fedavg": "AutoFLIP - FedAvg", "autoflip_vs_random": "AutoFLIP - random mask (baseline)",
@@ -283,7 +283,7 @@ def table(results: dict) -> str:
             lines.append(f"| {part} | {label} | {pm(s['gaps_points'].get(key))} / "
                          f"{pm(s['gaps_points_last5'].get(key))} |")
     s = results["setting"]
-    lines += ["", f"Setting: {s['description']}.{report._seeds_note(results)} Bytes: every message of the run, "
+    lines += ["", f"Setting: {s['description']}.{report.seeds_note(results)} Bytes: every message of the run, "
               "exploration included (in brackets: the mean training round); counted FLOPs: forward + backward, "
               "scaled by each layer's kept share, exploration included (in brackets: per training round); "
               "executed FLOPs: what dense kernels run per training example, the smaller model's when whole units "

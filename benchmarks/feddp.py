@@ -259,11 +259,11 @@ def table(results: dict) -> str:
         for a in ALPHAS:
             r = both[a]
             cells += (["n/a", "n/a"] if r is None else
-                      [report._pm(r, "final_test_accuracy"),
-                       "-" if r["reference"] == r["name"] else report._pm(r, "acc_minus_dense", "{:+.2f}")])
+                      [report.pm(r, "final_test_accuracy"),
+                       "-" if r["reference"] == r["name"] else report.pm(r, "acc_minus_dense", "{:+.2f}")])
         m = first["mean"]
         ratio = (lambda k: "" if first["reference"] == first["name"] else
-                 f" ({report._pm(first, k + '_ratio', '{:.3f}')})")
+                 f" ({report.pm(first, k + '_ratio', '{:.3f}')})")
         lines.append(
             f"| {key} | {first['model']} | {first.get('keep_ratio', '-')} | {first.get('correction', '-')} | "
             f"{first.get('threshold', '-')} | {' | '.join(cells)} | "
@@ -287,7 +287,7 @@ def table(results: dict) -> str:
     sm = results["summary"]
     within = "; ".join(f"{c}: {'none' if r is None else f'r = {r} (inference FLOPs / dense {f:.3f})'}" for (c, r), f in
                        zip(sm["keep_ratio_within_1_point"].items(), sm["inference_flops_ratio_at_that_r"].values()))
-    lines += ["", f"Setting: {results['setting']['description']}{report._seeds_note(results)} Smallest r within 1 "
+    lines += ["", f"Setting: {results['setting']['description']}{report.seeds_note(results)} Smallest r within 1 "
               f"point of dense FedAvg under both splits, per correction rule: {within}. Time saved / FLOPs saved "
               f"(gated CNN, r = {sm['time_saved_over_flops_saved_keep_ratio']}): "
               + ", ".join(f"batch {b}: {v:.2f}" for b, v in sm["time_saved_over_flops_saved"].items())
@@ -301,7 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--test-size", type=int, default=2000)
     args = sweep.parse(parser, argv)
-    report.TABLES.setdefault("feddp", ("feddp.json", table))
     if args.quick:
         args.threshold_rounds = 1
         dataset, root = "mnist", str(args.data_root)

@@ -165,7 +165,7 @@ def summary(results: dict) -> dict:
     return out
 
 
-def _pm(run: dict, key: str, fmt: str) -> str:
+def pm(run: dict, key: str, fmt: str) -> str:
     if key not in run["mean"] or run["mean"][key] is None:
         return "n/a"
     std = f" +- {fmt.replace('+', '').format(run['std'][key])}" if key in run.get("std", {}) else ""
@@ -187,10 +187,10 @@ def table(results: dict) -> str:
         m = r["mean"]
         lines.append(
             f"| {LABELS[r['kind']]} | {r['target_density']:.2f} / {m['density']:.4f} | "
-            f"{r['config']['num-server-rounds']} | {_pm(r, 'final_test_accuracy', '{:.4f}')} | "
-            f"{_pm(r, 'acc_minus_dense', '{:+.2f}')} | {_pm(r, 'start_test_loss', '{:.3f}')} | "
-            f"{m['train_flops_per_example'] / 1e6:.2f} M ({_pm(r, 'flops_ratio', '{:.4f}')}) | "
-            f"{_pm(r, 'topk_bytes_ratio', '{:.4f}')} |")
+            f"{r['config']['num-server-rounds']} | {pm(r, 'final_test_accuracy', '{:.4f}')} | "
+            f"{pm(r, 'acc_minus_dense', '{:+.2f}')} | {pm(r, 'start_test_loss', '{:.3f}')} | "
+            f"{m['train_flops_per_example'] / 1e6:.2f} M ({pm(r, 'flops_ratio', '{:.4f}')}) | "
+            f"{pm(r, 'topk_bytes_ratio', '{:.4f}')} |")
     lines += ["", "| client training step | measured peak MB (ratio) | weights + grads + optimizer state MB (ratio) "
               "| activations MB |", "|---|---|---|---|"]
     for m in results["memory"]:

@@ -302,7 +302,7 @@ def summarize_results(results: dict) -> dict:
     return summary
 
 
-def _pm(run: dict, key: str, fmt: str = "{:.4f}") -> str:
+def pm(run: dict, key: str, fmt: str = "{:.4f}") -> str:
     if run is None or key not in run["mean"]:
         return "-"
     std = run["std"].get(key)
@@ -323,8 +323,8 @@ def table(results: dict) -> str:
             m = r["mean"]
             lines.append(
                 f"| {alpha} | {method} | {r['config']['num-server-rounds']} | {m['density']:.3f} | "
-                f"{_pm(r, 'final_test_accuracy')} | {_pm(r, 'acc_gain_points', '{:+.2f}')} | "
-                f"{m['train_flops'] / 1e9:.1f} ({_pm(r, 'flops_ratio', '{:.3f}')}) | "
+                f"{pm(r, 'final_test_accuracy')} | {pm(r, 'acc_gain_points', '{:+.2f}')} | "
+                f"{m['train_flops'] / 1e9:.1f} ({pm(r, 'flops_ratio', '{:.3f}')}) | "
                 f"{m['client_peak_memory'] / 1e6:.2f} | {m['bytes_down_per_client_round'] / 1e3:.1f} | "
                 f"{m['bytes_up_per_client_round_after_round_1']:.0f} |")
     s = results.get("summary", {})
@@ -335,7 +335,7 @@ def table(results: dict) -> str:
                      "(redrawn) | IoU of random masks |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for alpha, m in results["masks"].items():
-            cell = lambda k: _pm(m, k, "{:.3f}")  # noqa: E731
+            cell = lambda k: pm(m, k, "{:.3f}")  # noqa: E731
             lines.append(f"| {alpha} | {cell('iou_data_free')} | {cell('iou_data_driven')} | "
                          f"{cell('allocation_gap_data_free')} | {cell('allocation_gap_data_driven')} | "
                          f"{cell('iou_data_free_redrawn')} | {cell('iou_pooled_ntk_redrawn')} | "

@@ -27,7 +27,7 @@ def _swept(results: dict) -> bool:
     return all("mean" in r for r in results["runs"])
 
 
-def _pm(run: dict, key: str, fmt: str = "{:.4f}") -> str:
+def pm(run: dict, key: str, fmt: str = "{:.4f}") -> str:
     """A run's mean of ``key`` +- its std over seeds (the mean alone with one seed; n/a if absent)."""
     if key not in run["mean"]:
         return "n/a"
@@ -35,7 +35,7 @@ def _pm(run: dict, key: str, fmt: str = "{:.4f}") -> str:
     return fmt.format(run["mean"][key]) + std
 
 
-def _seeds_note(results: dict) -> str:
+def seeds_note(results: dict) -> str:
     seeds = results["seeds"]
     if len(seeds) < 2:
         return ""
@@ -57,16 +57,16 @@ def baselines_table(results: dict) -> str | None:
         m = r["mean"]
         lines.append(
             f"| {r['method']} | {r['target_density']:.2f} / {m['density']:.3f} | {r['value_dtype']} | "
-            f"{_pm(r, 'final_test_accuracy')} | {_pm(r, 'acc_minus_dense', '{:+.2f}')} | "
+            f"{pm(r, 'final_test_accuracy')} | {pm(r, 'acc_minus_dense', '{:+.2f}')} | "
             f"{_mb(m['bytes_down_per_round'])} | {_mb(m['bytes_up_per_round'])} | "
-            f"{_pm(r, 'total_bytes_ratio', '{:.3f}')} | {_pm(r, 'after_cut_bytes_ratio', '{:.3f}')} | "
+            f"{pm(r, 'total_bytes_ratio', '{:.3f}')} | {pm(r, 'after_cut_bytes_ratio', '{:.3f}')} | "
             f"{_mb(m['setup_bytes'])} | {m['train_flops_per_round'] / 1e9:.1f} "
-            f"({_pm(r, 'train_flops_per_round_ratio', '{:.3f}')}) | {m['client_peak_memory'] / 1e6:.1f} "
-            f"({_pm(r, 'client_peak_memory_ratio', '{:.3f}')}) | "
-            f"{m['wall_seconds']:.0f} ({_pm(r, 'wall_seconds_ratio', '{:.3f}')}) |")
+            f"({pm(r, 'train_flops_per_round_ratio', '{:.3f}')}) | {m['client_peak_memory'] / 1e6:.1f} "
+            f"({pm(r, 'client_peak_memory_ratio', '{:.3f}')}) | "
+            f"{m['wall_seconds']:.0f} ({pm(r, 'wall_seconds_ratio', '{:.3f}')}) |")
     lines.append("")
     lines.append(
-        f"Setting: {results['setting']['description']}{_seeds_note(results)} MB / round: all bytes of a "
+        f"Setting: {results['setting']['description']}{seeds_note(results)} MB / round: all bytes of a "
         "training round (every purpose), down and up, mean over rounds 1..N; all bytes / dense: the whole run, "
         "round 0 included; round after the cut / dense: the last round's train + mask bytes (down + up, after "
         "the final cut, the mask sent only to nodes that lack it) against dense FedAvg's; setup: round 0 (e.g. "
@@ -126,7 +126,7 @@ def fedlp_table(results: dict) -> str:
         r = runs.get(f"{key}-{scheme}")
         if r is None:
             return "n/a", "n/a"
-        return _pm(r, "final_test_accuracy"), "" if key == "fedavg" else _pm(r, "acc_minus_dense", "{:+.2f}")
+        return pm(r, "final_test_accuracy"), "" if key == "fedavg" else pm(r, "acc_minus_dense", "{:+.2f}")
 
     def mean(both: list[dict], field: str) -> float:
         return sum(r["mean"][field] for r in both) / len(both)
@@ -135,11 +135,11 @@ def fedlp_table(results: dict) -> str:
         both = [runs[f"{key}-{s}"] for s in ("iid", "dirichlet") if f"{key}-{s}" in runs]
         a_iid, d_iid = acc(key, "iid")
         a_dir, d_dir = acc(key, "dirichlet")
-        val = " / ".join(_pm(r, "final_val_accuracy") if "final_val_accuracy" in r["mean"] else "-"
+        val = " / ".join(pm(r, "final_val_accuracy") if "final_val_accuracy" in r["mean"] else "-"
                          for r in both) if key.startswith("hetero") else "-"
         counted = mean(both, "counted_params_per_client_round")
         measured = mean(both, "bytes_down_per_client_round") + mean(both, "bytes_up_per_client_round")
-        walls = " / ".join(f"{r['mean']['wall_seconds']:.0f} ({_pm(r, 'wall_ratio', '{:.3f}')})"
+        walls = " / ".join(f"{r['mean']['wall_seconds']:.0f} ({pm(r, 'wall_ratio', '{:.3f}')})"
                            for r in both if "wall_ratio" in r["mean"])
         lines.append(
             f"| {label[key]} | {a_iid} | {d_iid} | {a_dir} | {d_dir} | {val} | "
@@ -160,7 +160,7 @@ def fedlp_table(results: dict) -> str:
     s = results["setting"]
     lines.append("")
     lines.append(
-        f"Setting: {s['description']}{_seeds_note(results)} Accuracy: the final round's central test accuracy "
+        f"Setting: {s['description']}{seeds_note(results)} Accuracy: the final round's central test accuracy "
         "(Hetero: the level-5 global model). Communication in k parameters per client and round, down + up: the "
         "model is the expectation (BatchNorm buffers excluded, as in the paper); counted = what these runs' draws "
         "and levels exchanged (buffers included); measured = the serialized message bytes. FLOPs are counted "
@@ -180,6 +180,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "baselines": ("baselines.json", baselines_table),
     "codec": ("codec_bits.json", codec_table),
     "fedtiny": ("fedtiny.json", method_table("benchmarks.fedtiny")),
+    "feddp": ("feddp.json", method_table("benchmarks.feddp")),
 }
 
 
