@@ -77,7 +77,7 @@ def test_run_completes_and_writes_results(runs):
 
 def test_same_seed_repeats_other_seed_differs(runs):
     outcomes, out = runs
-    assert all(o.ok for o in outcomes.values())
+    assert all(outcomes[n].ok for n in "abc")
     acc = {n: [r["test_accuracy"] for r in rounds(out, n)] for n in "abc"}
     loss = {n: [r["test_loss"] for r in rounds(out, n)] for n in "abc"}
     assert acc["a"] == acc["b"] and loss["a"] == loss["b"]
