@@ -63,7 +63,8 @@ def plan(args, data_root: Path, dataset: str) -> list[dict]:
             "ntk-zo": (args.rounds, f"{base} {zo_overrides(args)} ntk_zo.lr={args.lr_masked} "
                                     f"pruning.density={args.density}"),
             "fedavg": (args.fedavg_rounds, f"{base} sampling.fraction_evaluate=0 sampling.min_train_nodes=1 "
-                                           f"sampling.fraction_train={args.fraction} client.batch_size={args.batch_size}"),
+                                           f"sampling.fraction_train={args.fraction} "
+                                           f"client.batch_size={args.batch_size}"),
         }
         for method, (rounds, overrides) in runs.items():
             specs.append({"name": f"{method}-a{alpha}", "method": method, "alpha": alpha, "nodes": args.nodes,
@@ -138,21 +139,29 @@ def federated_mask(run_config: dict, nodes: int) -> dict[str, np.ndarray]:
     return strategy.masks
 
 
-def pooled_masks(experiment, nodes: int, seed_tag: str) -> dict[str, dict[str, np.ndarray]]:
-    """Masks on the union of the clients' training splits (what no federation can compute):
-    NTK-SAP on real inputs with the federation's schedule and number of draws, and SNIP on the
-    union of as many batches as the federation's SNIP phase scores."""
+def pooled_data(experiment, nodes: int):
+    """The union of the clients' training splits."""
+    import torch
+
+    from fedprune.task import client_data
+
+    parts = [client_data(experiment.dataset, experiment.partition, i, nodes) for i in range(nodes)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def pooled_masks(experiment, x, y, nodes: int, seed_tag: str) -> dict[str, dict[str, np.ndarray]]:
+    """Masks on pooled data ``x, y`` (what no federation can compute): NTK-SAP on real inputs with
+    the federation's schedule and number of draws, and SNIP on the union of as many batches as the
+    federation's SNIP phase scores."""
     import torch
 
     from fedprune.seeding import torch_generator
-    from fedprune.task import client_data, maskable_names, new_model
+    from fedprune.task import maskable_names, new_model
     from pruning.ntk import iterative_masks, ntk_scores
     from pruning.scores import snip_scores
     from strategies.baselines import selector
 
     cfg, p = experiment.ntk_zo, experiment.pruning
-    x = torch.cat([client_data(experiment.dataset, experiment.partition, i, nodes)[0] for i in range(nodes)])
-    y = torch.cat([client_data(experiment.dataset, experiment.partition, i, nodes)[1] for i in range(nodes)])
     model = new_model(experiment)
     names = maskable_names(experiment, model)
     select = selector(p.allocation)
@@ -171,6 +180,33 @@ def pooled_masks(experiment, nodes: int, seed_tag: str) -> dict[str, dict[str, n
     union = [(x[i], y[i]) for i in order.split(experiment.client.batch_size)]
     snip = select(snip_scores(model, torch.nn.functional.cross_entropy, union, names), p.density)
     return {"ntk": {k: v.numpy() for k, v in ntk.items()}, "snip": {k: v.numpy() for k, v in snip.items()}}
+
+
+def random_mask(experiment, seed: int) -> dict[str, np.ndarray]:
+    """A random mask at the experiment's density and allocation (the ``random`` baseline's rule)."""
+    from fedprune.seeding import torch_generator
+    from fedprune.task import maskable_names, new_model
+    from pruning.scores import random_scores
+    from strategies.baselines import selector
+
+    model = new_model(experiment)
+    scores = random_scores(model, maskable_names(experiment, model), torch_generator(seed, "random-mask"))
+    masks = selector(experiment.pruning.allocation)(scores, experiment.pruning.density)
+    return {k: v.numpy() for k, v in masks.items()}
+
+
+def gradient_share(experiment, x, y, masks: dict[str, np.ndarray]) -> float:
+    """Share of the squared loss gradient (initial model, batch ``x, y``) on the masked parameters
+    that the mask keeps: how much of the gradient a ZO direction restricted to the mask can see."""
+    import torch
+
+    from fedprune.task import new_model
+
+    model = new_model(experiment)
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y),
+                                [model.get_parameter(n) for n in masks])
+    total = sum(float((g**2).sum()) for g in grads)
+    return sum(float((g**2 * torch.from_numpy(m)).sum()) for g, m in zip(grads, masks.values())) / total
 
 
 def mask_study(args, data_root: Path, dataset: str) -> dict:
@@ -195,8 +231,11 @@ def mask_study(args, data_root: Path, dataset: str) -> dict:
             free, again = data_free[seed]
             local, snip = (federated_mask(run_config(seed, alpha, s), args.nodes) for s in ("local-data", "snip"))
             experiment = experiment_from_run_config(run_config(seed, alpha))
-            pooled = pooled_masks(experiment, args.nodes, "ntk-pooled")
-            pooled_again = pooled_masks(experiment, args.nodes, "ntk-pooled-again")
+            x, y = pooled_data(experiment, args.nodes)
+            pooled = pooled_masks(experiment, x, y, args.nodes, "ntk-pooled")
+            pooled_again = pooled_masks(experiment, x, y, args.nodes, "ntk-pooled-again")
+            random = random_mask(experiment, seed)
+            batch = (x[:512], y[:512])
             rows.append({
                 "seed": seed,
                 "iou_data_free": iou(free, pooled["ntk"]),
@@ -209,6 +248,9 @@ def mask_study(args, data_root: Path, dataset: str) -> dict:
                 "allocation_gap_data_free": allocation_gap(free, pooled["ntk"]),
                 "allocation_gap_data_driven": allocation_gap(local, pooled["ntk"]),
                 "iou_random_expected": args.density / (2 - args.density),
+                "gradient_share_data_free": gradient_share(experiment, *batch, free),
+                "gradient_share_data_driven": gradient_share(experiment, *batch, local),
+                "gradient_share_random": gradient_share(experiment, *batch, random),
             })
             print(f"masks alpha {alpha} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
                                                                   if k != "seed"), flush=True)
@@ -332,15 +374,16 @@ def table(results: dict) -> str:
     if "masks" in results:
         lines.append("| alpha | IoU vs pooled-data NTK mask: data-free fed. | local-data fed. | layer allocation gap: "
                      "data-free | local-data | IoU redrawn: data-free | pooled NTK | IoU SNIP fed. vs pooled SNIP "
-                     "(redrawn) | IoU of random masks |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+                     "(redrawn) | IoU of random masks | gradient share kept at init: data-free | local-data | random |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for alpha, m in results["masks"].items():
             cell = lambda k: pm(m, k, "{:.3f}")  # noqa: E731
             lines.append(f"| {alpha} | {cell('iou_data_free')} | {cell('iou_data_driven')} | "
                          f"{cell('allocation_gap_data_free')} | {cell('allocation_gap_data_driven')} | "
                          f"{cell('iou_data_free_redrawn')} | {cell('iou_pooled_ntk_redrawn')} | "
                          f"{cell('iou_snip_federated_vs_pooled_snip')} ({cell('iou_pooled_snip_redrawn')}) | "
-                         f"{m['mean']['iou_random_expected']:.3f} |")
+                         f"{m['mean']['iou_random_expected']:.3f} | {cell('gradient_share_data_free')} | "
+                         f"{cell('gradient_share_data_driven')} | {cell('gradient_share_random')} |")
         lines.append("")
     if "memory" in results:
         lines.append("| batch | forward chunk | backprop peak MB | ZO dense MB (ratio) | ZO masked MB (ratio) |")
@@ -402,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         lr_dense=args.lr_dense, lr_masked=args.lr_masked, clip=args.clip, fraction_train=args.fraction,
         fedavg_rounds=args.fedavg_rounds, mask_seeds=args.mask_seeds, description=(
             f"{data}, {args.nodes} clients (10% of each held out), Dirichlet 0.5 and 0.1, "
-            f"{max(1, int(args.nodes * args.fraction))} sampled per round; ZO: {args.rounds} rounds of {args.local_steps} step(s), K={args.k} forward "
-            f"differences, sigma 1e-3, scalars clipped to +-{args.clip:g}, batch {args.batch_size} in micro-batches of "
-            f"{args.chunk}, lr {args.lr_dense} "
+            f"{max(1, int(args.nodes * args.fraction))} sampled per round; ZO: {args.rounds} rounds of "
+            f"{args.local_steps} step(s), K={args.k} forward differences, sigma 1e-3, scalars clipped to "
+            f"+-{args.clip:g}, batch {args.batch_size} in micro-batches of {args.chunk}, lr {args.lr_dense} "
             f"(dense) / {args.lr_masked} (masked, density {args.density}, data-free federated NTK-SAP mask, 5 "
             f"scoring rounds); backprop FedAvg: {args.fedavg_rounds} rounds of 1 local epoch, SGD lr 0.05 momentum "
             f"0.9; small CNN; seeds {', '.join(map(str, args.seeds))}; in-process federation, {args.workers} runs at "

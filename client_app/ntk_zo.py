@@ -122,7 +122,8 @@ def zo_costs(model: torch.nn.Module, masks, x: torch.Tensor, y: torch.Tensor, no
            size, cfg.num_perturbations, cfg.difference, cfg.forward_chunk)
     if key not in _COSTS_CACHE:
         per_example = count_flops(model, x[:1], masks, training=False).effective
-        memory = zo_step_memory(model, LOSS, (x[:size], y[:size]), masks=masks, num_perturbations=cfg.num_perturbations,
+        batch = (x[:size].clone(), y[:size].clone())  # a slice's storage is the whole training set's
+        memory = zo_step_memory(model, LOSS, batch, masks=masks, num_perturbations=cfg.num_perturbations,
                                 sigma=cfg.sigma, difference=cfg.difference, chunk=cfg.forward_chunk, lr=cfg.lr)
         _COSTS_CACHE[key] = (per_example, memory.peak)
     per_example, peak = _COSTS_CACHE[key]
