@@ -10,8 +10,8 @@ ClientApp, no Ray), two runs at a time:
   FedAvg baseline: ``autoflip.prune=false autoflip.warm_start=false``);
 * ``warm-fedavg``: dense, with the same exploration warm start and server momentum as AutoFLIP
   (``autoflip.prune=false``): AutoFLIP minus its mask;
-* ``autoflip-q0.3``: AutoFLIP, hybrid (q = 0.3, q_s = 0.2), and on the pathological split a
-  sweep of q over 0.1, 0.2, 0.4, 0.5;
+* ``autoflip-q0.3``: AutoFLIP, hybrid (q = 0.3, q_s = 0.2, kept widths multiples of 8), and on
+  the pathological split a sweep of q over 0.1, 0.2, 0.4, 0.5;
 * ``random-shape-q0.3``: the AutoFLIP pipeline with a random mask of the guided mask's shape
   (same units removed per layer, same kept positions per tensor): AutoFLIP minus its guidance;
 * ``random``: the project's random-mask baseline (no exploration, no momentum) at AutoFLIP
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{data}, {args.nodes} clients (20% of each held out for validation), pathological (2 classes per client) "
         f"or Dirichlet(0.5), {max(int(args.nodes * 0.25), 2)} sampled per round, {args.rounds} rounds of 2 local "
         "epochs, SGD lr 0.01 momentum 0.9, batch 32, the small CNN, biases masked as the authors do; AutoFLIP: "
-        f"every client explores (rho 1) for at most {args.explore_epochs} epochs with patience 2, q_s 0.2, "
+        f"every client explores (rho 1) for at most {args.explore_epochs} epochs with patience 2, q_s 0.2 (widths "
+        "rounded down to multiples of 8), "
         "min-max guidance, server momentum 0.9; q sweep on "
         f"{', '.join(args.sweep_partitions) or 'no split'}, seeds {','.join(map(str, args.sweep_seeds or args.seeds))}"
         f"; in-process federation (real strategies and ClientApp), {args.workers} runs at a time")

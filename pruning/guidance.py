@@ -9,8 +9,9 @@ positions at or below it moved least in exploration and are pruned (``keep = g >
 
 Hybrid pruning (the 2024-2025 versions of the paper remove "whole units" as well, without saying
 how; this rule is ours): every hidden layer loses the ``floor(q_s * n)`` of its ``n`` output units
-(filters, neurons) whose weights have the lowest mean guidance; the positions that remain are cut
-by the same global quantile. :mod:`pruning.slim` turns removed units into masks and into a
+(filters, neurons) whose weights have the lowest mean guidance, and optionally a few more so that
+the units it keeps are a multiple of 8 (CPU kernels are faster at such widths); the positions that
+remain are cut by the same global quantile. :mod:`pruning.slim` turns removed units into masks and into a
 physically smaller model.
 
 Plain torch and numpy; guidance, like masks (pruning/masks.py), is a dict name -> tensor.
@@ -90,17 +91,21 @@ def cut(guidance: Tensors, q: float) -> dict[str, torch.Tensor]:
     return {k: g > tau for k, g in guidance.items()}
 
 
-def select_units(guidance: Tensors, weights: Sequence[str], q_s: float) -> dict[str, torch.Tensor]:
+def select_units(guidance: Tensors, weights: Sequence[str], q_s: float, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Per named weight tensor (output units along dim 0): a bool vector over its units, False for
-    the ``floor(q_s * n)`` units of lowest mean guidance (ties: the lower index goes first); at
-    least one unit stays."""
+    the units of lowest mean guidance (ties: the lower index goes first). Of ``n`` units,
+    ``n - floor(q_s * n)`` stay, rounded down to a multiple of ``multiple`` when ``q_s > 0`` and at
+    least ``multiple`` stay; at least one unit stays."""
     if not 0.0 <= q_s < 1.0:
         raise ValueError(f"structured quantile must be in [0, 1), got {q_s}")
     keep = {}
     for name in weights:
         means = guidance[name].double().reshape(guidance[name].shape[0], -1).mean(1)
         n = means.numel()
-        drop = min(math.floor(q_s * n), n - 1)
+        stay = n - math.floor(q_s * n)
+        if q_s > 0 and stay >= multiple:
+            stay -= stay % multiple
+        drop = min(n - stay, n - 1)
         order = torch.sort(means, stable=True).indices
         k = torch.ones(n, dtype=torch.bool)
         k[order[:drop]] = False

@@ -10,9 +10,9 @@ with server momentum under the mask the exploration chose.
    here every explorer has its own copy.)
 2. The mask (pruning/guidance.py, pruning/slim.py): the guidance is the example-weighted mean of the
    deviations, normalized per tensor (``autoflip.normalization``); every hidden layer loses the
-   ``autoflip.structured_quantile`` share of its units of lowest mean guidance (our rule: the
-   paper prunes whole units without saying how), and everything is cut at one global quantile
-   ``autoflip.quantile``. With ``warm_start`` training starts from the example-weighted mean of
+   ``autoflip.structured_quantile`` share of its units of lowest mean guidance, and a few more so
+   that it keeps a multiple of ``autoflip.unit_multiple`` units (our rule: the paper prunes whole
+   units without saying how), and everything is cut at one global quantile ``autoflip.quantile``. With ``warm_start`` training starts from the example-weighted mean of
    the explored models (the authors start from their sequentially explored model), masked.
 3. Training: the base's masked FedAvg (clients enforce the mask after every step, and train the
    physically smaller model when the mask removes whole units), then the authors' server update
@@ -146,7 +146,8 @@ class AutoFlip(PruningStrategy):
         mean = mean_deviation([{k: torch.from_numpy(v) for k, v in d.items()} for d in deviations], weights)
         guidance = normalize(mean, self.cfg.normalization)
         shapes = {k: self.global_arrays[k].shape for k in self.names}
-        units = select_units(guidance, self.structured, self.cfg.structured_quantile) if self.structured else {}
+        units = select_units(guidance, self.structured, self.cfg.structured_quantile,
+                             self.cfg.unit_multiple) if self.structured else {}
         masks = hybrid_masks(guidance, self.cfg.quantile, self.chain.unit_positions(units, shapes) if units else {})
         if self.cfg.mask == "random":
             generator = torch_generator(self.seed, "autoflip-random-mask")

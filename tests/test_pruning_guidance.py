@@ -59,6 +59,17 @@ def test_units_of_lowest_mean_guidance_are_selected_per_layer():
     assert int(select_units({"one": torch.ones(1, 3)}, ["one"], 0.9)["one"].sum()) == 1
 
 
+def test_kept_units_can_be_rounded_down_to_a_multiple():
+    g = {"w": torch.rand(32, 9, generator=torch.Generator().manual_seed(0))}
+    means = g["w"].mean(1)
+    assert int(select_units(g, ["w"], 0.2)["w"].sum()) == 26  # 32 - floor(6.4)
+    keep = select_units(g, ["w"], 0.2, multiple=8)["w"]
+    assert int(keep.sum()) == 24 and means[keep].min() >= means[~keep].max()
+    assert select_units(g, ["w"], 0.0, multiple=8)["w"].all()  # no structured pruning: no rounding
+    small = {"w": torch.rand(5, 2)}
+    assert int(select_units(small, ["w"], 0.4, multiple=8)["w"].sum()) == 3  # fewer than 8 stay: as they are
+
+
 def test_random_like_keeps_the_shape_of_a_mask_within_the_allowed_positions():
     gen = torch.Generator().manual_seed(0)
     masks = {"w": torch.rand(6, 8, generator=gen) > 0.5, "b": torch.tensor([True, False, True])}
