@@ -17,8 +17,9 @@ Then, without training, in this process:
   and SNIP on the union of the same number of batches), as IoU of the kept positions; plus each
   criterion redrawn with another seed (how much two masks of the same kind differ by chance);
 * **memory**: the measured peak of one training step of a backprop client (SGD with momentum, as
-  the FedAvg clients) and of a ZO client, dense and masked, whole-batch or micro-batched forwards,
-  at several batch sizes, on the small CNN;
+  the FedAvg clients) and of a ZO client (dense; masked on the dense weights; masked on the kept
+  weights only, as the runs' clients), whole-batch or micro-batched forwards, at several batch
+  sizes, on the small CNN;
 * **upload**: the bytes of one training reply (the real client routine, measured as the ledger
   measures) for several K.
 
@@ -41,7 +42,9 @@ ALPHAS = (0.5, 0.1)
 TRAINING = ("train", "mask")
 """Purposes whose bytes count as training traffic (the mask travels with the first model)."""
 MEMORY_BATCHES = (16, 32, 64, 128)
-MEMORY_CHUNKS = (0, 8, 1)
+MEMORY_CHUNKS = (0, 4)
+MEMORY_VARIANTS = ("dense", "masked", "sparse")
+"""ZO without a mask; with the mask on the dense weights; on the kept weights only (ntk_zo.sparse_weights)."""
 UPLOAD_KS = (5, 20, 50, 100)
 
 
@@ -261,14 +264,14 @@ def mask_study(args, data_root: Path, dataset: str) -> dict:
 # ---------------------------------------------------------------------------------------------- memory, upload
 
 def memory_study(args) -> list[dict]:
-    """Measured peak of one step: backprop (SGD + momentum) vs ZO dense / masked, per batch and chunk."""
+    """Measured peak of one step: backprop (SGD + momentum) vs ZO (MEMORY_VARIANTS), per batch and chunk."""
     import torch
 
     from fedprune.experiment import load_experiment
     from fedprune.task import maskable_names, new_model
     from pruning.accounting import training_step_memory
     from pruning.selection import global_topk
-    from pruning.zo import zo_step_memory
+    from pruning.zo import sparse_copy, zo_step_memory
 
     experiment = load_experiment("configs/ntk-zo.yaml", {"pruning.density": args.density})
     model = new_model(experiment)
@@ -276,15 +279,15 @@ def memory_study(args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     masks = global_topk({n: torch.rand(model.get_parameter(n).shape, generator=g) for n in names}, args.density)
     loss = torch.nn.functional.cross_entropy
+    nets = {"dense": (model, None), "masked": (model, masks), "sparse": sparse_copy(model, masks)}
     rows = []
     for batch in MEMORY_BATCHES:
         data = (torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g))
         backprop = training_step_memory(model, loss, data).peak
         for chunk in MEMORY_CHUNKS:
-            for masked in (False, True):
-                zo = zo_step_memory(model, loss, data, masks=masks if masked else None, num_perturbations=args.k,
-                                    chunk=chunk)
-                rows.append({"batch": batch, "chunk": chunk, "masked": masked, "backprop_peak": backprop,
+            for variant, (net, net_masks) in nets.items():
+                zo = zo_step_memory(net, loss, data, masks=net_masks, num_perturbations=args.k, chunk=chunk)
+                rows.append({"batch": batch, "chunk": chunk, "variant": variant, "backprop_peak": backprop,
                              "zo_peak": zo.peak, "ratio": zo.peak / backprop})
     return rows
 
@@ -386,15 +389,16 @@ def table(results: dict) -> str:
                          f"{cell('gradient_share_data_driven')} | {cell('gradient_share_random')} |")
         lines.append("")
     if "memory" in results:
-        lines.append("| batch | forward chunk | backprop peak MB | ZO dense MB (ratio) | ZO masked MB (ratio) |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| batch | forward chunk | backprop peak MB | ZO dense MB (ratio) | ZO masked, dense weights "
+                     "MB (ratio) | ZO masked, kept weights only MB (ratio) |")
+        lines.append("|---|---|---|---|---|---|")
         for batch in sorted({r["batch"] for r in results["memory"]}):
             for chunk in MEMORY_CHUNKS:
-                pair = {r["masked"]: r for r in results["memory"] if r["batch"] == batch and r["chunk"] == chunk}
-                if len(pair) == 2:
-                    lines.append(f"| {batch} | {chunk or 'whole'} | {pair[False]['backprop_peak'] / 1e6:.2f} | "
-                                 f"{pair[False]['zo_peak'] / 1e6:.2f} ({pair[False]['ratio']:.3f}) | "
-                                 f"{pair[True]['zo_peak'] / 1e6:.2f} ({pair[True]['ratio']:.3f}) |")
+                at = {r["variant"]: r for r in results["memory"] if r["batch"] == batch and r["chunk"] == chunk}
+                if len(at) == len(MEMORY_VARIANTS):
+                    lines.append(f"| {batch} | {chunk or 'whole'} | {at['dense']['backprop_peak'] / 1e6:.2f} | "
+                                 + " | ".join(f"{at[v]['zo_peak'] / 1e6:.2f} ({at[v]['ratio']:.3f})"
+                                              for v in MEMORY_VARIANTS) + " |")
         lines.append("")
     if "upload" in results:
         lines.append("| K | training reply bytes | of which the K float32 values |")
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=20, help="perturbations per ZO step")
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--chunk", type=int, default=8, help="ZO forward micro-batch (0: the whole batch)")
+    parser.add_argument("--chunk", type=int, default=4, help="ZO forward micro-batch (0: the whole batch)")
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--lr-dense", type=float, default=0.01)
     parser.add_argument("--lr-masked", type=float, default=0.04)
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.local_steps} step(s), K={args.k} forward differences, sigma 1e-3, scalars clipped to "
             f"+-{args.clip:g}, batch {args.batch_size} in micro-batches of {args.chunk}, lr {args.lr_dense} "
             f"(dense) / {args.lr_masked} (masked, density {args.density}, data-free federated NTK-SAP mask, 5 "
-            f"scoring rounds); backprop FedAvg: {args.fedavg_rounds} rounds of 1 local epoch, SGD lr 0.05 momentum "
+            f"scoring rounds, steps on the kept weights only); backprop FedAvg: {args.fedavg_rounds} rounds of 1 local epoch, SGD lr 0.05 momentum "
             f"0.9; small CNN; seeds {', '.join(map(str, args.seeds))}; in-process federation, {args.workers} runs at "
             "a time."))
     results["summary"] = summarize_results(results)

@@ -10,7 +10,8 @@ backprop-free training that returns K scalars per step.
   missed seeds and scalars, replayed), store it in ``context.state``, then for each of this round's
   seeds take a batch (order from ``(seed, "zo-batch", round, partition id)``) and compute the K
   directional derivatives with forward passes only (pruning/zo.py); between local steps apply the
-  node's own estimate (clipped as the server clips) to its working copy. Reply: the scalars, the
+  node's own estimate (clipped as the server clips) to its working copy (with
+  ``ntk_zo.sparse_weights``, a copy that holds the masked weights as kept values only). Reply: the scalars, the
   mean unperturbed loss, counted FLOPs (``local_steps x (K + 1 | 2K)`` forwards of a batch, each
   layer scaled by its density) and the measured peak of one ZO step.
 * evaluate: bring the model to the server's version (stored), then validation loss and accuracy.
@@ -33,7 +34,8 @@ from fedprune.task import maskable_names, new_model
 from fedprune.training import batches, evaluate
 from pruning.accounting import count_flops
 from pruning.ntk import ntk_scores
-from pruning.zo import apply_update_, clip, directional_derivatives, forwards_per_step, replay_, zo_step_memory
+from pruning.zo import (apply_update_, clip, directional_derivatives, forwards_per_step, replay_, sparse_copy,
+                        zo_step_memory)
 
 MODEL_KEY, MODEL_META_KEY = "zo-model", "zo-model-meta"
 LOSS = torch.nn.functional.cross_entropy
@@ -112,18 +114,28 @@ per layer, batch, K, difference, chunk): counting and measuring cost as much as 
 depend on this key. A cache, not state: losing it costs time, never a result."""
 
 
+def stepping_model(model: torch.nn.Module, masks, node: Node) -> tuple[torch.nn.Module, dict | None]:
+    """The model a ZO step runs on and its masks: with a mask and ``ntk_zo.sparse_weights``, a copy
+    holding the masked weights as kept values (pruning.zo.sparse_copy), else ``model`` itself."""
+    if masks and node.experiment.ntk_zo.sparse_weights:
+        return sparse_copy(model, masks)
+    return model, masks
+
+
 def zo_costs(model: torch.nn.Module, masks, x: torch.Tensor, y: torch.Tensor, node: Node, steps: int) -> dict:
     """Counted FLOPs of this round's ZO steps (forwards only, each layer scaled by its density)
-    and the measured peak memory of one step (pruning.zo.zo_step_memory)."""
+    and the measured peak memory of one step (pruning.zo.zo_step_memory) on the model the step
+    runs on (:func:`stepping_model`)."""
     exp = node.experiment
     cfg = exp.ntk_zo
     size = min(exp.client.batch_size, len(x))
     key = (exp.model.name, tuple(x.shape[1:]), tuple(sorted((k, int(m.sum())) for k, m in (masks or {}).items())),
-           size, cfg.num_perturbations, cfg.difference, cfg.forward_chunk)
+           size, cfg.num_perturbations, cfg.difference, cfg.forward_chunk, cfg.sparse_weights)
     if key not in _COSTS_CACHE:
         per_example = count_flops(model, x[:1], masks, training=False).effective
         batch = (x[:size].clone(), y[:size].clone())  # a slice's storage is the whole training set's
-        memory = zo_step_memory(model, LOSS, batch, masks=masks, num_perturbations=cfg.num_perturbations,
+        net, net_masks = stepping_model(model, masks, node)
+        memory = zo_step_memory(net, LOSS, batch, masks=net_masks, num_perturbations=cfg.num_perturbations,
                                 sigma=cfg.sigma, difference=cfg.difference, chunk=cfg.forward_chunk, lr=cfg.lr)
         _COSTS_CACHE[key] = (per_example, memory.peak)
     per_example, peak = _COSTS_CACHE[key]
@@ -142,6 +154,7 @@ def zo_train(msg: Message, context: Context, node: Node) -> Message:
     costs = zo_costs(model, masks, x, y, node, len(seeds))
     order = batches(len(x), exp.client.batch_size,
                     torch_generator(exp.seed, "zo-batch", int(config[protocol.SERVER_ROUND]), node.partition_id))
+    model, masks = stepping_model(model, masks, node)  # the stored model stays as it is
     params = dict(model.named_parameters())
     start = time.process_time()
     rows, losses = [], []

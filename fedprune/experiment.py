@@ -256,6 +256,10 @@ class NtkZoConfig:
     """ZO step size (server and clients apply the same plain SGD step)."""
     forward_chunk: int = _opt(0, lo=0)
     """Examples per forward micro-batch of a ZO loss (0: the whole batch); less activation memory."""
+    sparse_weights: bool = _opt(True)
+    """A masked client runs its ZO steps on a copy whose masked Linear / Conv2d weights are held as
+    their kept values only (pruning.zo.sparse_copy): the same step, with memory that falls with the
+    density. false: on the dense model with the mask applied."""
     max_scalar: float = _opt(1e4, lo=0.0, lo_open=True)
     """A reply with a scalar of larger magnitude is rejected."""
     clip: float = _opt(0.0, lo=0.0)

@@ -19,6 +19,12 @@ devices and may differ across versions). The noise is scaled first and then adde
 rounded operations, no fused multiply-add), so the result does not depend on how a kernel splits
 the work across threads.
 
+Sparse weights: :func:`sparse_copy` holds the masked Linear / Conv2d weights of a model as their
+kept values only (pruning/sparse_training.py). A direction draws a layer's noise for its kept
+positions in flattened order, which is exactly the order of the layer's ``values``, so a step on
+the sparse copy perturbs and updates the same numbers with the same noise as a step on the dense
+masked model (the losses differ only by the kernels' float rounding).
+
 Memory: weights stay in place; a perturbation is added and removed in place (MeZO), the loss is
 evaluated under ``torch.no_grad`` (no autograd graph, no stored activations), optionally in
 micro-batches of ``chunk`` examples; the only extra tensors are one parameter's noise at a time
@@ -41,6 +47,7 @@ import torch
 from torch import nn
 
 from .accounting import _native_stderr_silenced, _peak_allocation, _storage_bytes
+from .sparse_training import sparsify
 
 __all__ = [
     "DIFFERENCES",
@@ -55,6 +62,7 @@ __all__ = [
     "perturbation_generator",
     "perturbation_seed",
     "replay_",
+    "sparse_copy",
     "zo_step_memory",
 ]
 
@@ -105,6 +113,17 @@ def perturb_(params: Params, support: Mapping[str, torch.Tensor], seed: int, k: 
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype).mul_(scale))
         else:
             p.view(-1).index_add_(0, where, torch.randn(where.shape, generator=generator, dtype=p.dtype).mul_(scale))
+
+
+def sparse_copy(model: nn.Module, masks: Masks) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of ``model`` whose masked Linear / Conv2d weights are held as their kept values
+    (:func:`pruning.sparse_training.sparsify`), and the masks of the parameters that stay dense
+    (e.g. masked biases): with these, a ZO step on the copy is a step on ``model`` under ``masks``."""
+    modules = dict(model.named_modules())
+    layers = {name: mask for name, mask in masks.items() if name.endswith(".weight")
+              and isinstance(modules.get(name.removesuffix(".weight")), (nn.Linear, nn.Conv2d))}
+    rest = {name: mask for name, mask in masks.items() if name not in layers}
+    return sparsify(copy.deepcopy(model), layers), rest
 
 
 def clip(scalars, bound: float):

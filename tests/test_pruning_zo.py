@@ -8,8 +8,9 @@ from torch import nn
 
 from fedprune.models import build_model
 from pruning.accounting import training_step_memory
+from pruning.sparse_training import dense_state_dict
 from pruning.zo import (apply_update_, directional_derivatives, forwards_per_step, kept_indices, perturb_,
-                        perturbation_generator, replay_, zo_step_memory)
+                        perturbation_generator, replay_, sparse_copy, zo_step_memory)
 
 LOSS = nn.functional.cross_entropy
 
@@ -171,3 +172,22 @@ def test_a_masked_zo_step_needs_a_fraction_of_a_backprop_step_and_no_model_sized
     # no copy of the model, no full-size noise vector: the step adds less than half the weights' size,
     # and the same whatever K (but for the K scalars themselves)
     assert chunked.peak_increase < 0.5 * weights and 0 <= more_k.peak - chunked.peak <= 8 * 4
+
+
+def test_a_step_on_the_sparse_copy_is_the_masked_step_in_a_ninth_of_a_backprop_steps_memory():
+    model, masks = cnn_with_mask()
+    sparse, rest = sparse_copy(model, masks)
+    assert rest == {} and not any(n.endswith("weight") for n, _ in sparse.named_parameters())
+    batch = (torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+    dense_c, _ = directional_derivatives(model, LOSS, batch, masks, 7, 4, 1e-3)
+    sparse_c, _ = directional_derivatives(sparse, LOSS, batch, rest, 7, 4, 1e-3)
+    assert torch.allclose(dense_c, sparse_c, rtol=1e-3, atol=1e-3)
+    # the same noise on the same numbers: the update is bit-identical
+    apply_update_(dict(model.named_parameters()), masks, 7, dense_c.tolist(), 0.1)
+    apply_update_(dict(sparse.named_parameters()), rest, 7, dense_c.tolist(), 0.1)
+    stepped = dense_state_dict(sparse)
+    assert all(torch.equal(stepped[k], v) for k, v in model.state_dict().items())
+    backprop = training_step_memory(model, LOSS, batch, masks=masks).peak
+    dense_zo = zo_step_memory(model, LOSS, batch, masks=masks, num_perturbations=4, chunk=4).peak
+    sparse_zo = zo_step_memory(sparse, LOSS, batch, masks=rest, num_perturbations=4, chunk=4).peak
+    assert sparse_zo <= backprop / 9 < dense_zo
