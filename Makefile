@@ -46,6 +46,8 @@ bench: venv data
 	$(PY) -m benchmarks.fedlp
 	$(PY) -m benchmarks.fedtiny
 	$(PY) -m benchmarks.feddp
+	$(PY) -m benchmarks.autoflip --sweep-seeds 0
+	$(PY) -m benchmarks.ntk_zo
 	$(PY) -m benchmarks.report
 
 # Stop a managed local SuperLink left running by `python -m fedprune.simulate --keep-superlink`.

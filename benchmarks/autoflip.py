@@ -307,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs already finished in --out with the same experiment instead of rerunning")
     args = sweep.parse(parser, argv)
-    report.TABLES.setdefault("autoflip", ("autoflip.json", table))
     if args.quick:
         dataset, data_root, args.explore_epochs = "mnist", args.data_root, 2
     else:

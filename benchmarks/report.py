@@ -181,6 +181,8 @@ TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "codec": ("codec_bits.json", codec_table),
     "fedtiny": ("fedtiny.json", method_table("benchmarks.fedtiny")),
     "feddp": ("feddp.json", method_table("benchmarks.feddp")),
+    "autoflip": ("autoflip.json", method_table("benchmarks.autoflip")),
+    "ntk_zo": ("ntk_zo.json", method_table("benchmarks.ntk_zo")),
 }
 
 
