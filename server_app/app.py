@@ -71,4 +71,5 @@ def run_experiment(grid: Grid, experiment: Experiment, writer: RunWriter, resume
         writer.fail(str(exc))
         raise
     final = {k: torch.from_numpy(np.array(v)) for k, v in strategy.global_arrays.items()}
-    return writer.finish(final)
+    masks = {k: torch.from_numpy(np.array(v)) for k, v in (strategy.masks or {}).items()}
+    return writer.finish(final, masks)

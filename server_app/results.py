@@ -1,9 +1,11 @@
-"""A run's directory: config.yaml, rounds.jsonl, checkpoint.pt, summary.json, plots, the final model.
+"""A run's directory: config.yaml, rounds.jsonl, checkpoint.pt, summary.json, plots, the final model and mask.
 
 ``outputs/<run-name>/`` by default. rounds.jsonl gets one JSON object per round as the round ends
 (round 0 is the initial model); the console gets one line per round. checkpoint.pt holds the
 strategy's whole state after the last finished round, replaced atomically; :meth:`RunWriter.resume`
-continues a run from it.
+continues a run from it. A finished run also holds final_model.pt (the global state dict) and
+final_masks.pt (the global mask, name -> bool tensor; empty for a dense model), which
+``python -m fedprune.export`` reads.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fedprune.experiment import Experiment
 SUMMED = ("rejected_replies", "failed_replies", "train_flops")
 """Round fields summed into the summary, besides every ``bytes_*`` field."""
 CHECKPOINT = "checkpoint.pt"
+FINAL_MODEL, FINAL_MASKS = "final_model.pt", "final_masks.pt"
 
 
 class ResumeError(ValueError):
@@ -91,12 +94,16 @@ class RunWriter:
         self.records.append(record)
         with self.rounds_file.open("a") as fh:
             fh.write(json.dumps(record, sort_keys=False) + "\n")
-        log(INFO, "round %d/%d  test acc %.4f  loss %.4f  density %.3f  down %s  up %s  elapsed %.1f s",
-            record["round"], self.experiment.num_server_rounds, record.get("test_accuracy", math.nan),
-            record.get("test_loss", math.nan), record.get("density", 1.0), _mb(record["bytes_down"]),
-            _mb(record["bytes_up"]), record["wall_seconds"])
+        done, total = record["round"], self.experiment.num_server_rounds
+        trained = [r["round_seconds"] for r in self.records if r["round"] >= 1]  # round 0 is setup, not a round
+        eta = f"{(total - done) * sum(trained) / len(trained):.0f} s" if trained else "?"
+        bar = "#" * (20 * done // max(total, 1))
+        log(INFO, "round %d/%d [%-20s] test acc %.4f  loss %.4f  density %.3f  down %s  up %s  elapsed %.1f s  ETA %s",
+            done, total, bar, record.get("test_accuracy", math.nan), record.get("test_loss", math.nan),
+            record.get("density", 1.0), _mb(record["bytes_down"]), _mb(record["bytes_up"]), record["wall_seconds"], eta)
 
-    def finish(self, final_state: dict[str, torch.Tensor] | None = None) -> dict:
+    def finish(self, final_state: dict[str, torch.Tensor] | None = None,
+               final_masks: dict[str, torch.Tensor] | None = None) -> dict:
         last = self.records[-1]
         summary = {
             "name": self.experiment.name, "method": self.experiment.method, "seed": self.experiment.seed,
@@ -111,7 +118,8 @@ class RunWriter:
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if final_state is not None:
-            torch.save(final_state, self.dir / "final_model.pt")
+            torch.save(final_state, self.dir / FINAL_MODEL)
+            torch.save(final_masks or {}, self.dir / FINAL_MASKS)
         plot_run(self.records, self.dir, self.experiment.name)
         log(INFO, "fedprune: final test accuracy %.4f after %d rounds, %s down, %s up, %.1f s; results in %s",
             summary["final_test_accuracy"], summary["rounds"], _mb(summary["total_bytes_down"]),
