@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedprune-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test data venv bench stop clean
+.PHONY: demo test data venv bench leaderboard-quick plots stop clean
 
 venv: $(STAMP)
 
@@ -48,7 +48,15 @@ bench: venv data
 	$(PY) -m benchmarks.feddp
 	$(PY) -m benchmarks.autoflip --sweep-seeds 0
 	$(PY) -m benchmarks.ntk_zo
+	$(PY) -m benchmarks.leaderboard
 	$(PY) -m benchmarks.report
+
+# The leaderboard in its quick setting (under 20 minutes), and its plots from the results file.
+leaderboard-quick: venv data
+	$(PY) -m benchmarks.leaderboard --quick
+
+plots: venv
+	$(PY) -m benchmarks.plots
 
 # Stop a managed local SuperLink left running by `python -m fedprune.simulate --keep-superlink`.
 stop:

@@ -183,6 +183,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "feddp": ("feddp.json", method_table("benchmarks.feddp")),
     "autoflip": ("autoflip.json", method_table("benchmarks.autoflip")),
     "ntk_zo": ("ntk_zo.json", method_table("benchmarks.ntk_zo")),
+    "leaderboard": ("leaderboard.json", method_table("benchmarks.leaderboard")),
 }
 
 

@@ -162,8 +162,10 @@ def run(specs: list[dict], args: argparse.Namespace, row: Row, compare: Compare 
         for done, (name, seed, accuracy, result) in enumerate(pool.imap_unordered(_execute, jobs), 1):
             rows[name, seed] = result
             eta = (time.monotonic() - started) / done * (len(jobs) - done)
-            print(f"{name:<32} seed {seed:<3} acc {accuracy:.4f}  {result['wall_seconds']:5.0f} s  "
-                  f"{done}/{len(jobs)}  ETA {eta / 60:.0f} min", flush=True)
+            elapsed = time.monotonic() - started
+            print(f"[{'#' * (20 * done // len(jobs)):<20}] {done}/{len(jobs)}  {name:<36} seed {seed:<3} "
+                  f"acc {accuracy:.4f}  {result['wall_seconds']:5.0f} s  elapsed {elapsed / 60:.0f} min  "
+                  f"ETA {eta / 60:.0f} min", flush=True)
     return {"command": args.command,
             "setting": {"rounds": args.rounds, "nodes": args.nodes, "workers": args.workers},
             "seeds": args.seeds, "total_seconds": time.monotonic() - started,
