@@ -49,6 +49,7 @@ bench: venv data
 	$(PY) -m benchmarks.autoflip --sweep-seeds 0
 	$(PY) -m benchmarks.ntk_zo
 	$(PY) -m benchmarks.leaderboard
+	$(PY) -m benchmarks.scale
 	$(PY) -m benchmarks.report
 
 # The leaderboard in its quick setting (under 20 minutes), and its plots from the results file.

@@ -184,6 +184,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "autoflip": ("autoflip.json", method_table("benchmarks.autoflip")),
     "ntk_zo": ("ntk_zo.json", method_table("benchmarks.ntk_zo")),
     "leaderboard": ("leaderboard.json", method_table("benchmarks.leaderboard")),
+    "scale": ("scale.json", method_table("benchmarks.scale")),
 }
 
 

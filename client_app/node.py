@@ -4,18 +4,27 @@ the server sent, the node's own costs, and replies.
 Per-node state lives in ``context.state`` (never in module globals: in deployment each message may
 be served by a fresh process). The state holds the node's current mask and its version; a node that
 lost it (a restart) answers :data:`~fedprune.protocol.STATE_LOST` and the server sends the mask again.
+
+What does not change within a run is cached, never stored as state: the parsed experiment per
+process, the node's data per process and, with the node config's ``cache-dir``, on disk
+(fedprune/task.py), so a fresh ClientApp process does not load the dataset or rebuild the plan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedprune import protocol
-from fedprune.experiment import Experiment, experiment_from_run_config
+from fedprune.experiment import Experiment, experiment_from_run_config, resolve_path
 from fedprune.task import client_data, maskable_names, new_model
 from pruning.accounting import count_flops, training_step_memory
 
@@ -34,22 +43,38 @@ class Node:
     experiment: Experiment
     partition_id: int
     num_partitions: int
+    cache_dir: str | None = None
 
     def data(self):
         """(train_x, train_y, val_x, val_y) of this node's partition."""
         return client_data(self.experiment.dataset, self.experiment.partition, self.partition_id,
-                           self.num_partitions)
+                           self.num_partitions, self.cache_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _experiment(run_config: tuple, mtime_ns: int) -> Experiment:
+    return experiment_from_run_config(dict(run_config))
+
+
+def experiment_of(run_config) -> Experiment:
+    """The run's experiment, parsed once per process (again when its file changes)."""
+    try:
+        mtime = resolve_path(str(run_config.get("experiment", "configs/fedavg.yaml"))).stat().st_mtime_ns
+    except OSError:
+        mtime = 0  # experiment_from_run_config names the missing file
+    return _experiment(tuple(sorted(run_config.items())), mtime)
 
 
 def node_of(context: Context) -> Node:
     """The node a message is served on, from the run config and the node config.
 
     Node config: ``partition-id`` and ``num-partitions`` (set by the simulation, given with
-    ``--node-config`` in deployment), optionally ``num-threads`` (torch threads, default 1) and
-    ``data-root`` (a directory with this node's copy of the dataset).
+    ``--node-config`` in deployment), optionally ``num-threads`` (torch threads, default 1),
+    ``data-root`` (a directory with this node's copy of the dataset) and ``cache-dir`` (a directory
+    where the node keeps its normalized partition between messages; deploy/launch.py sets one).
     """
     torch.set_num_threads(int(context.node_config.get("num-threads", 1)))
-    experiment = experiment_from_run_config(context.run_config)
+    experiment = experiment_of(context.run_config)
     if "data-root" in context.node_config:
         experiment = dataclasses.replace(
             experiment, dataset=dataclasses.replace(experiment.dataset, root=str(context.node_config["data-root"])))
@@ -61,7 +86,8 @@ def node_of(context: Context) -> Node:
                          f"{dict(context.node_config)}); set them with --node-config") from exc
     if not 0 <= pid < num:
         raise ValueError(f"node config partition-id: got {pid}; allowed: 0..{num - 1} (num-partitions={num})")
-    return Node(experiment, pid, num)
+    cache_dir = context.node_config.get("cache-dir")
+    return Node(experiment, pid, num, None if cache_dir is None else str(cache_dir))
 
 
 def stored_mask(context: Context) -> tuple[dict[str, np.ndarray] | None, int]:
@@ -96,11 +122,18 @@ def receive(msg: Message, context: Context, node: Node) -> tuple[torch.nn.Module
     return model, None if masks is None else {k: torch.from_numpy(v) for k, v in masks.items()}
 
 
-_FLOPS_CACHE: dict[tuple, float] = {}
-"""Training FLOPs per sample by (model, architecture key, input shape, kept weights per layer):
-counting runs the model under torch's FlopCounterMode, which costs as much as a second of
-training; the count only depends on this key. A cache, not state: losing it costs time, never a
-result."""
+_COSTS: dict[str, tuple[float, float]] = {}
+"""(training FLOPs per sample, peak bytes of one training step) by what they depend on: the model
+(name, architecture key, tensor shapes), the input shape, the kept weights per layer, the batch and
+the optimizer.
+Counting FLOPs runs the model under FlopCounterMode and measuring the step runs torch's profiler,
+whose first use in a process costs more than a second: a fresh ClientApp process (every message in
+deployment) reads both from the node's ``cache-dir`` instead. A cache, not state: losing it costs
+time, never a result."""
+
+
+def _costs_file(node: Node) -> Path | None:
+    return None if node.cache_dir is None else Path(node.cache_dir) / "training-costs.json"
 
 
 def training_costs(model: torch.nn.Module, masks, x: torch.Tensor, y: torch.Tensor, node: Node,
@@ -110,17 +143,28 @@ def training_costs(model: torch.nn.Module, masks, x: torch.Tensor, y: torch.Tens
     ``arch`` tells apart sub-models that share the experiment's model name (e.g. FedLP levels).
     """
     c = node.experiment.client
-    key = (node.experiment.model.name, arch, tuple(x.shape[1:]),
-           tuple(sorted((k, int(m.sum())) for k, m in (masks or {}).items())))
-    if key not in _FLOPS_CACHE:
-        _FLOPS_CACHE[key] = count_flops(model, x[:1], masks, training=True).effective
     batch = (x[: c.batch_size].clone(), y[: c.batch_size].clone())  # a slice's storage is the whole set's
-    memory = training_step_memory(
-        model, torch.nn.functional.cross_entropy, batch, masks=masks,
-        optimizer_factory=None if c.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=c.lr)),
-    )
-    return {protocol.FLOPS: float(_FLOPS_CACHE[key] * len(x) * c.local_epochs),
-            protocol.PEAK_MEMORY: float(memory.peak)}
+    shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    key = json.dumps([node.experiment.model.name, repr(arch), shapes, list(x.shape[1:]),
+                      sorted((k, int(m.sum())) for k, m in (masks or {}).items()), len(batch[0]), c.optimizer,
+                      c.lr if c.optimizer == "adam" else None])
+    file = _costs_file(node)
+    if key not in _COSTS and file is not None and file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            _COSTS.update({k: tuple(v) for k, v in json.loads(file.read_text()).items()})
+    if key not in _COSTS:
+        memory = training_step_memory(
+            model, torch.nn.functional.cross_entropy, batch, masks=masks,
+            optimizer_factory=None if c.optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=c.lr)),
+        )
+        _COSTS[key] = (count_flops(model, x[:1], masks, training=True).effective, float(memory.peak))
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            part = file.with_name(f"{file.name}.{os.getpid()}.part")
+            part.write_text(json.dumps(_COSTS))
+            part.replace(file)
+    per_sample, peak = _COSTS[key]
+    return {protocol.FLOPS: float(per_sample * len(x) * c.local_epochs), protocol.PEAK_MEMORY: peak}
 
 
 def reply(msg: Message, node: Node, num_examples: int, records: dict | None = None, **metrics) -> Message:

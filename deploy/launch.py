@@ -13,8 +13,9 @@ What it does, in order (docs/deployment.md has the walk-through):
    the ones in ``--certs``), starts the SuperLink with TLS and ``--enable-supernode-auth`` and
    registers every SuperNode's public key with ``flwr supernode register``;
 4. starts N ``flower-supernode`` processes, node i with ``--node-config "partition-id=i
-   num-partitions=N data-root=... num-threads=1"`` (TLS and its private key in secure mode), and
-   waits until all of them are online;
+   num-partitions=N data-root=... cache-dir=... num-threads=1"`` (TLS and its private key in secure
+   mode; ``cache-dir``, in the node's home, is where its ClientApp processes keep the node's
+   normalized partition between messages), and waits until all of them are online;
 5. submits the experiment with ``flwr run . fedprune-local --stream`` and follows its log;
 6. reports the run's final status from ``flwr ls`` (``flwr run`` exits 0 even when the run failed)
    and where the results are;
@@ -414,6 +415,7 @@ class LocalFederation:
         config: dict[str, object] = {"partition-id": index, "num-partitions": self.num_partitions}
         if (root := self._data_root(index, home)) is not None:
             config["data-root"] = root
+        config["cache-dir"] = str(home / "cache")
         config["num-threads"] = self.num_threads
         config.update(self.node_config_extra)
         if private_key is None and self.certs is not None and index < self.certs.num_nodes:

@@ -139,18 +139,32 @@ def _load_cifar(directory: Path, spec: DatasetSpec) -> Splits:
 
 # ------------------------------------------------------------------------------------ loading
 
-def _try_local(spec: DatasetSpec, roots: list[Path]) -> tuple[Splits | None, list[Path]]:
+def _find_local(spec: DatasetSpec, roots: list[Path]) -> tuple[Path | dict[str, Path] | None, list[Path]]:
+    """The first local copy (a CIFAR directory, or IDX files by split), and the directories looked at."""
     looked = []
     for root in roots:
         for sub in spec.subdirs:
             directory = root / sub if sub else root
             looked.append(directory)
-            if spec.name == "cifar10":
-                if found := find_cifar(directory):
-                    return _load_cifar(found, spec), looked
-            elif files := find_idx(directory):
-                return _load_idx(files, spec), looked
+            found = find_cifar(directory) if spec.name == "cifar10" else find_idx(directory)
+            if found:
+                return found, looked
     return None, looked
+
+
+def _try_local(spec: DatasetSpec, roots: list[Path]) -> tuple[Splits | None, list[Path]]:
+    found, looked = _find_local(spec, roots)
+    if found is None:
+        return None, looked
+    return (_load_cifar(found, spec) if spec.name == "cifar10" else _load_idx(found, spec)), looked
+
+
+def local_files(name: str, root: str | None = None) -> list[Path]:
+    """The files of the local copy :func:`load_dataset` would read (none: it would download)."""
+    found, _ = _find_local(SPECS[name], search_roots(name, root))
+    if isinstance(found, Path):
+        return sorted(p for p in found.iterdir() if p.name.endswith("_batch") or "_batch_" in p.name)
+    return sorted((found or {}).values())
 
 
 def _download(spec: DatasetSpec) -> Exception | None:

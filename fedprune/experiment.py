@@ -82,6 +82,11 @@ class SamplingConfig:
     node_wait_seconds: float = _opt(300.0, lo=0.0)
     """How long a round waits for enough described nodes (min_available_nodes, and the round's
     min_train_nodes / min_evaluate_nodes) before the run stops with an error."""
+    describe_all_up_to: int = _opt(100, lo=0)
+    """Federations of at most this many connected nodes describe every node before the first
+    sample; larger ones describe only the nodes they sample (strategies/base.py: Flower's in-memory
+    simulation scans every pending message for every node, so describing 10,000 nodes at once is
+    some 10^8 checks; it did not get through round 1 in minutes here)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,12 @@ What it takes care of (see shared/reference/flower-api.md):
 * one CPU per simulated client (``client-resources-num-cpus=1``);
 * the run's real status from ``flwr ls`` (``flwr run`` exits 0 even when the run failed);
 * the managed SuperLink: reused when one is already running, and stopped afterwards when this
-  command started it (``--keep-superlink`` leaves it running for the next run).
+  command started it (``--keep-superlink`` leaves it running for the next run);
+* ``--ray-address HOST:PORT``: the simulation's ClientApps run on an existing Ray cluster (one
+  started with ``ray start --head``, plus workers) instead of a Ray instance of its own. Flower's
+  Ray backend calls ``ray.init()``, which joins the cluster named by ``$RAY_ADDRESS``; the managed
+  SuperLink (and the simulation it starts) get that variable, so it must be started by this command
+  (docs/ray-cluster.md).
 
 Exit status 0 only when the run finished with status ``finished:completed``.
 """
@@ -109,11 +114,31 @@ def run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
         return "unknown", (out.stdout + out.stderr).strip()
 
 
+def _environ_of(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
 def simulate(run_config: dict[str, object], num_supernodes: int = 10, *, flwr_home: Path | None = None,
-             keep_superlink: bool = False, echo: bool = True) -> RunOutcome:
-    """``flwr run . --stream`` with ``run_config``; returns the run's final status and directory."""
+             keep_superlink: bool = False, echo: bool = True, ray_address: str | None = None) -> RunOutcome:
+    """``flwr run . --stream`` with ``run_config``; returns the run's final status and directory.
+
+    ``ray_address``: run the ClientApps on the Ray cluster there (``HOST:PORT`` of its head).
+    """
     env = flower_env(flwr_home)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     started_here = not _local_superlink_up(env)
+    if not started_here and ray_address and any(
+            _environ_of(pid).get("RAY_ADDRESS") != ray_address for pid in superlink_pids(env)):
+        raise RuntimeError(
+            f"a managed SuperLink of {env['FLWR_HOME']} is already running without RAY_ADDRESS={ray_address}: its "
+            "simulations would start a Ray instance of their own. Stop it (its pid: pgrep -f flower-superlink), "
+            "or use another Flower home ($FLWR_HOME) and ports ($FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, "
+            "$FLWR_LOCAL_CONTROL_API_PORT)")
     cmd = ["flwr", "run", ".", "--stream", "--run-config", run_config_arg(run_config),
            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
     run_id, run_dir, lines = None, None, []
@@ -152,13 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="", metavar="RUN_DIR",
                         help="continue this run directory from its last checkpoint (same experiment)")
     parser.add_argument("--keep-superlink", action="store_true")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", ""), metavar="HOST:PORT",
+                        help="run on this existing Ray cluster (default: $RAY_ADDRESS; none: a Ray instance "
+                             "of the run's own)")
     args = parser.parse_args(argv)
     outcome = simulate(
         {"experiment": args.experiment, "num-server-rounds": args.num_server_rounds, "seed": args.seed,
          "overrides": args.overrides, "run-name": args.run_name,
          "output-dir": str(Path(args.output_dir).resolve()),
          "resume": str(Path(args.resume).resolve()) if args.resume else ""},
-        args.num_supernodes, keep_superlink=args.keep_superlink,
+        args.num_supernodes, keep_superlink=args.keep_superlink, ray_address=args.ray_address or None,
     )
     print(f"run {outcome.run_id}: {outcome.status}" + (f" ({outcome.details})" if not outcome.ok else ""))
     return 0 if outcome.ok else 1

@@ -14,7 +14,10 @@ What it adds to :class:`flwr.serverapp.strategy.FedAvg`:
 * node discovery: a node is asked (phase ``describe``) for its partition before it is first
   sampled, so sampling and aggregation order depend on partitions, not on Flower's random node
   ids. A node whose describe fails, that claims a partition another connected node holds, or
-  another number of partitions is refused with the reason, and counted;
+  another number of partitions is refused with the reason, and counted. A small federation
+  (``sampling.describe_all_up_to``) describes every node at once; a larger one only the nodes
+  of the partitions it draws (:meth:`_sample_partitions`), so a round's messages follow the
+  sample, not the federation;
 * sampling from ``numpy_rng(seed, "sample-<purpose>", round)``; a round waits at most
   ``sampling.node_wait_seconds`` for enough usable nodes, then the run stops with an error
   (:class:`RunFailed`) that says why; so does a run in which no training reply was accepted;
@@ -104,6 +107,7 @@ class FedPruneStrategy(FedAvg):
         self.masks: dict[str, np.ndarray] | None = None
         self.mask_version = 0
         self.node_mask_version: dict[int, int] = {}
+        self._registered: dict[int, str] = {}
         self.trained_rounds = 0
         self._payloads: dict[str, ArrayRecord] = {}
 
@@ -144,30 +148,39 @@ class FedPruneStrategy(FedAvg):
 
     # ------------------------------------------------------------------ discovery and sampling
 
-    def _discover(self, grid: Grid) -> list[int]:
-        """Describe newly connected nodes; the usable ones (connected, described), by partition."""
-        connected = set(grid.get_node_ids())
-        for gone in set(self.nodes) - connected:
+    def _connected(self, grid: Grid) -> list[int]:
+        """The connected nodes; what was known of the nodes that left is forgotten."""
+        connected = list(grid.get_node_ids())
+        present = set(connected)
+        for gone in set(self.nodes) - present:
             del self.nodes[gone]
             self.node_mask_version.pop(gone, None)
-        self.refused = {n: why for n, why in self.refused.items() if n in connected}
-        new = sorted(connected - set(self.nodes) - set(self.refused))
+        self.refused = {n: why for n, why in self.refused.items() if n in present}
+        return connected
+
+    def _describe(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask ``nodes`` for their partition; members join ``self.nodes``, the others are refused."""
+        outcome = self.run_phase(grid, protocol.DESCRIBE, nodes, lambda n: RecordDict({}), self._check_describe,
+                                 refuse=True)
+        # the federation's number of partitions: the members', else the most common (then smallest) claim
+        claims = [i.num_partitions for i in self.nodes.values()] or [i.num_partitions for _, i in outcome]
+        num = min(set(claims), key=lambda c: (-claims.count(c), c)) if claims else None
+        for node, info in outcome:
+            taken = {i.partition_id: n for n, i in self.nodes.items()}
+            if info.partition_id in taken:
+                why = f"partition-id {info.partition_id} is already held by node {taken[info.partition_id]}"
+            elif info.num_partitions != num:
+                why = f"num-partitions {info.num_partitions} differs from the federation's {num}"
+            else:
+                self.nodes[node] = info
+                continue
+            self.refuse(node, why)
+
+    def _discover(self, grid: Grid, connected: list[int]) -> list[int]:
+        """Describe every new connected node; the usable ones (connected, described), by partition."""
+        new = sorted(set(connected) - set(self.nodes) - set(self.refused))
         if new:
-            outcome = self.run_phase(grid, protocol.DESCRIBE, new, lambda n: RecordDict({}), self._check_describe,
-                                     refuse=True)
-            # the federation's number of partitions: the members', else the most common (then smallest) claim
-            claims = [i.num_partitions for i in self.nodes.values()] or [i.num_partitions for _, i in outcome]
-            num = min(set(claims), key=lambda c: (-claims.count(c), c)) if claims else None
-            for node, info in outcome:
-                taken = {i.partition_id: n for n, i in self.nodes.items()}
-                if info.partition_id in taken:
-                    why = f"partition-id {info.partition_id} is already held by node {taken[info.partition_id]}"
-                elif info.num_partitions != num:
-                    why = f"num-partitions {info.num_partitions} differs from the federation's {num}"
-                else:
-                    self.nodes[node] = info
-                    continue
-                self.refuse(node, why)
+            self._describe(grid, new)
         return sorted((n for n in connected if n in self.nodes), key=lambda n: self.nodes[n].partition_id)
 
     def refuse(self, node: int, why: str) -> None:
@@ -179,37 +192,139 @@ class FedPruneStrategy(FedAvg):
         return NodeInfo(check_int(msg, protocol.PARTITION_ID, 0, num - 1), num,
                         check_int(msg, protocol.NUM_TRAIN, 1, 10**9), check_int(msg, protocol.NUM_VAL, 0, 10**9))
 
+    def _connected_enough(self, grid: Grid, minimum: int, server_round: int, connected: list[int]) -> list[int]:
+        """The connected nodes, once ``minimum`` of them (less those refused) are there, waiting at
+        most ``node_wait_seconds``."""
+        deadline = time.monotonic() + self.node_wait_seconds
+        while True:
+            if len(connected) - len(self.refused) >= minimum:
+                return connected
+            if len(connected) >= minimum or time.monotonic() >= deadline:
+                self._fail(server_round, len(connected) - len(self.refused), minimum, len(connected))
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(connected) - len(self.refused), minimum)
+            time.sleep(NODE_POLL_SECONDS)
+            connected = self._connected(grid)
+
+    def _fail(self, server_round: int, usable: int, minimum: int, connected: int) -> None:
+        reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(self.refused.items())[:5])
+        raise RunFailed(
+            f"round {server_round}: {usable} usable nodes, {minimum} required "
+            f"({connected} connected, {len(self.refused)} refused{': ' + reasons if reasons else ''}"
+            f"{'' if connected >= minimum else f'; waited {self.node_wait_seconds:.0f} s'}). "
+            "Fix the refused nodes, start more nodes, or lower sampling.min_available_nodes / "
+            "min_train_nodes / min_evaluate_nodes (sampling.node_wait_seconds sets the wait).")
+
     def _available(self, grid: Grid, minimum: int, server_round: int) -> list[int]:
-        """Usable nodes, once at least ``minimum`` are there.
+        """Every usable node (all described), by partition, once at least ``minimum`` are there.
 
         Waits while fewer than ``minimum`` nodes are connected, at most ``node_wait_seconds``; stops
         the run at once when enough are connected but too many were refused.
         """
         deadline = time.monotonic() + self.node_wait_seconds
         while True:
-            usable = self._discover(grid)
+            connected = self._connected(grid)
+            usable = self._discover(grid, connected)
             if len(usable) >= minimum:
                 return usable
-            connected = len(grid.get_node_ids())
-            if connected >= minimum or time.monotonic() >= deadline:
-                reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(self.refused.items())[:5])
-                raise RunFailed(
-                    f"round {server_round}: {len(usable)} usable nodes, {minimum} required "
-                    f"({connected} connected, {len(self.refused)} refused{': ' + reasons if reasons else ''}"
-                    f"{'' if connected >= minimum else f'; waited {self.node_wait_seconds:.0f} s'}). "
-                    "Fix the refused nodes, start more nodes, or lower sampling.min_available_nodes / "
-                    "min_train_nodes / min_evaluate_nodes (sampling.node_wait_seconds sets the wait).")
+            if len(connected) >= minimum or time.monotonic() >= deadline:
+                self._fail(server_round, len(usable), minimum, len(connected))
             log(INFO, "Waiting for nodes: %d usable, %d required", len(usable), minimum)
             time.sleep(NODE_POLL_SECONDS)
 
-    def sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int, purpose: str) -> list[int]:
-        """Nodes for this round, drawn from the run seed; ordered by partition id."""
+    def sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int, purpose: str,
+               *, validation: bool = False, ahead: tuple[tuple[str, float, int, bool], ...] = ()) -> list[int]:
+        """Nodes for this round, drawn from the run seed; ordered by partition id.
+
+        Up to ``sampling.describe_all_up_to`` connected nodes, every node is described and the draw
+        is over the usable ones; in a larger federation only the drawn partitions' nodes are
+        (:meth:`_sample_partitions`), together with those of the draws ``ahead`` (``(purpose,
+        fraction, min_nodes, validation)`` of draws later in the round, e.g. the evaluation's).
+        ``validation``: only nodes with a validation split (with many small partitions, some have none).
+        """
         if fraction == 0.0:
             return []
-        available = self._available(grid, max(self.min_available_nodes, min_nodes), server_round)
+        minimum = max(self.min_available_nodes, min_nodes)
+        connected = self._connected(grid)
+        if len(connected) > self.experiment.sampling.describe_all_up_to:
+            draws = [(purpose, fraction, min_nodes, validation), *(d for d in ahead if d[1] > 0)]
+            return self._sample_partitions(grid, server_round, draws, minimum, connected)[0]
+        available = self._available(grid, minimum, server_round)
+        if validation:
+            available = [n for n in available if self.nodes[n].num_val > 0]
         k = min(max(int(len(available) * fraction), min_nodes), len(available))
         chosen = numpy_rng(self.seed, purpose, server_round).choice(len(available), size=k, replace=False)
         return [available[i] for i in sorted(chosen)]
+
+    def _by_registration(self, grid: Grid, connected: list[int]) -> list[int]:
+        """The connected nodes in the order they registered with the SuperLink: Flower's simulation
+        registers the node of partition i i-th, so position i is the guess for partition i."""
+        if hasattr(grid, "get_nodes") and not self._registered.keys() >= set(connected):
+            self._registered.update({info.node_id: info.registered_at for info in grid.get_nodes()})
+        return sorted(connected, key=lambda n: self._registered.get(n, ""))
+
+    def _walk(self, order: np.ndarray, k: int, validation: bool, passed: set[int]) -> tuple[list[int], list[int]]:
+        """The usable nodes among the first partitions of ``order`` and the partitions whose node is
+        not known yet, until they make ``k``."""
+        holder = {info.partition_id: n for n, info in self.nodes.items()}
+        taken, unknown = [], []
+        for p in order.tolist():
+            if len(taken) + len(unknown) >= k:
+                break
+            node = holder.get(p)
+            if node is None and p not in passed:
+                unknown.append(p)
+            elif node is not None and (not validation or self.nodes[node].num_val > 0):
+                taken.append(node)
+        return taken, unknown
+
+    def _sample_partitions(self, grid: Grid, server_round: int, draws: list[tuple[str, float, int, bool]],
+                           minimum: int, connected: list[int]) -> list[list[int]]:
+        """Samples of a large federation, its nodes described as they are drawn.
+
+        Each draw walks the partitions in an order drawn from ``numpy_rng(seed, purpose, round)``
+        and takes the first k whose node is usable (k from the connected nodes not refused when the
+        draw starts, as for a small federation). A partition's node is found by describing the node
+        registered at its position (:meth:`_by_registration`), the draws' unknown partitions in one
+        phase; a partition whose guessed node is refused is passed over; a guess that proves wrong
+        makes the round describe every node, as a small federation does. The samples depend on the
+        seed, the round and which partitions are usable, never on node ids; a node is described
+        once per run.
+        """
+        connected = self._connected_enough(grid, minimum, server_round, connected)
+        guess = self._by_registration(grid, connected)
+        num = next(iter(self.nodes.values())).num_partitions if self.nodes else len(connected)
+        orders = [numpy_rng(self.seed, purpose, server_round).permutation(num) for purpose, *_ in draws]
+        size = len(connected) - len(self.refused)
+        sizes = [min(max(int(size * fraction), min_nodes), size) for _, fraction, min_nodes, _ in draws]
+        passed: set[int] = set()  # partitions without a usable node
+        everyone = False  # every connected node described
+        while True:
+            walks = [self._walk(order, k, validation, passed)
+                     for order, k, (*_, validation) in zip(orders, sizes, draws)]
+            unknown = sorted({p for _, missing in walks for p in missing})
+            if not unknown:
+                break
+            ask = {p: guess[p] for p in unknown if p < len(guess) and guess[p] not in self.nodes}
+            if new := sorted({n for n in ask.values() if n not in self.refused}):
+                self._describe(grid, new)
+            if not self.nodes and len(self.refused) >= minimum:
+                self._fail(server_round, 0, minimum, len(connected))
+            if self.nodes and next(iter(self.nodes.values())).num_partitions != num:
+                return self._sample_partitions(grid, server_round, draws, minimum, connected)  # num was a guess
+            holder = {info.partition_id for info in self.nodes.values()}
+            passed |= {p for p, n in ask.items() if p not in holder and n in self.refused}
+            if not everyone and any(p not in holder and p not in passed for p in unknown):
+                log(WARNING, "Round %d: the registration order does not match the partitions; describing "
+                    "every node", server_round)
+                self._discover(grid, connected)
+                everyone = True
+            if everyone:
+                holder = {info.partition_id for info in self.nodes.values()}
+                passed |= {p for p in unknown if p not in holder}
+        taken = walks[0][0]
+        if len(taken) < draws[0][2]:
+            self._fail(server_round, len(taken), draws[0][2], len(connected))
+        return [sorted(t, key=lambda n: self.nodes[n].partition_id) for t, _ in walks]
 
     # ------------------------------------------------------------------ messages and phases
 
@@ -230,13 +345,14 @@ class FedPruneStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, "sample-train")
+        nodes = self.sample(grid, server_round, self.fraction_train, self.min_train_nodes, "sample-train",
+                            ahead=(("sample-evaluate", self.fraction_evaluate, self.min_evaluate_nodes, True),))
         return self.instructions(server_round, nodes, config, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         nodes = self.sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes,
-                            "sample-evaluate")
+                            "sample-evaluate", validation=True)
         return self.instructions(server_round, nodes, config, MessageType.EVALUATE)
 
     def exchange(self, grid: Grid, messages: list[Message], server_round: int, config: ConfigRecord) -> list[Message]:
