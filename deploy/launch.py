@@ -578,9 +578,9 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process this federation started: SuperNodes first, the SuperLink last."""
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        main = threading.current_thread() is threading.main_thread()
+        # a second Ctrl-C must not cut this short
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             for proc in reversed(self.procs):
                 proc.stop()
@@ -588,8 +588,8 @@ class LocalFederation:
                 self._say(f"stopped {len(self.procs)} processes: "
                           + ", ".join(f"{p.name} ({p.pid})" for p in self.procs))
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            if main:  # a handler not set from Python (None) cannot be put back: Python's default instead
+                signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         if self._own_workdir and not self.keep_workdir and not self.failed:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
@@ -655,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Ctrl-C and SIGTERM stop everything this launcher started, whatever this process inherited
+    # (a parent that ignores or blocks SIGINT passes that on to its children)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     federation = LocalFederation(
         args.nodes, num_partitions=args.num_partitions or None, workdir=args.workdir, secure=args.secure, certs_dir=args.certs,
