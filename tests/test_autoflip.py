@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from benchmarks.inprocess import InProcessGrid, make_context, run_inprocess
+from benchmarks.inprocess import InProcessGrid, make_context
 from client_app.app import app as client_app
 from client_app.app import train_masked
 from client_app.autoflip import explore_model, train_hybrid
@@ -20,7 +20,7 @@ from fedprune.experiment import ExperimentError, experiment_from_run_config
 from fedprune.task import new_model
 from pruning.guidance import hybrid_masks, mean_deviation, normalize, select_units
 from strategies import RunFailed, build_strategy
-from tests.test_resume import Killed, final_model, kill_after_checkpoint
+from tests.test_resume import whole_and_resumed
 
 FAST = "autoflip.explore_epochs=2 autoflip.patience=1 sampling.fraction_evaluate=0"
 
@@ -249,13 +249,7 @@ def test_exploration_stops_after_patience_epochs_without_improvement(tiny_run_co
 def test_a_killed_run_resumes_with_its_server_momentum(tiny_run_config, tmp_path, monkeypatch):
     rc = {**tiny_run_config, "experiment": "configs/autoflip.yaml", "num-server-rounds": 3,
           "overrides": f"{tiny_run_config['overrides']} {FAST}"}
-    run_inprocess(rc, 3, tmp_path / "whole")
-    with monkeypatch.context() as m:
-        kill_after_checkpoint(m, 1)
-        with pytest.raises(Killed):
-            run_inprocess(rc, 3, tmp_path / "killed")
-    run_inprocess({**rc, "resume": str(tmp_path / "killed")}, 3, tmp_path / "unused")
-    whole, resumed = final_model(tmp_path / "whole"), final_model(tmp_path / "killed")
+    whole, resumed = whole_and_resumed(rc, 3, tmp_path, monkeypatch, at_round=1)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     lines = (tmp_path / "killed" / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]

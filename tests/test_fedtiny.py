@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from benchmarks.inprocess import InProcessGrid, run_inprocess
+from benchmarks.inprocess import InProcessGrid
 from fedprune import fedtiny, protocol
 from fedprune.data import load_dataset
 from fedprune.experiment import DatasetConfig, ExperimentError, PartitionConfig, experiment_from_run_config
@@ -20,7 +20,7 @@ from fedprune.task import new_model
 from pruning.prune_grow import mean_sparse
 from strategies import RunFailed, build_strategy
 from strategies.fedtiny import FedTiny
-from tests.test_resume import Killed, final_model, kill_after_checkpoint
+from tests.test_resume import whole_and_resumed
 
 
 def config(tiny_mnist, extra="", rounds=1):
@@ -270,13 +270,7 @@ def test_the_configuration_rules(tiny_mnist):
 
 def test_a_killed_run_resumes_to_the_bitwise_same_final_model(tiny_mnist, tmp_path, monkeypatch):
     rc = config(tiny_mnist, rounds=2)
-    run_inprocess(rc, 3, tmp_path / "whole")
-    with monkeypatch.context() as m:
-        kill_after_checkpoint(m, 1)
-        with pytest.raises(Killed):
-            run_inprocess(rc, 3, tmp_path / "killed")
-    run_inprocess({**rc, "resume": str(tmp_path / "killed")}, 3, tmp_path / "unused")
-    whole, resumed = final_model(tmp_path / "whole"), final_model(tmp_path / "killed")
+    whole, resumed = whole_and_resumed(rc, 3, tmp_path, monkeypatch, at_round=1)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     rows = [[json.loads(line) for line in (tmp_path / d / "rounds.jsonl").read_text().splitlines()]
             for d in ("whole", "killed")]

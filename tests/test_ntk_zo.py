@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from benchmarks.inprocess import InProcessGrid, run_inprocess
+from benchmarks.inprocess import InProcessGrid
 from client_app.node import Node
 from fedprune import protocol
 from fedprune.experiment import experiment_from_run_config
@@ -16,7 +16,7 @@ from fedprune.task import new_model
 from pruning.accounting import count_flops
 from strategies import RunFailed, build_strategy
 from strategies.ledger import MeteredGrid
-from tests.test_resume import Killed, final_model, kill_after_checkpoint
+from tests.test_resume import whole_and_resumed
 
 SMALL = ("ntk_zo.num_perturbations=4 ntk_zo.lr=0.005 ntk_zo.score_batch_size=8 ntk_zo.prune_iterations=2 "
          "pruning.density=0.2 sampling.min_train_nodes=1 sampling.fraction_evaluate=0")
@@ -178,13 +178,7 @@ def test_a_node_that_lost_its_state_gets_the_model_again(tiny_run_config):
 
 def test_a_killed_run_resumes_to_the_bitwise_same_final_model(tiny_run_config, tmp_path, monkeypatch):
     rc = config(tiny_run_config, rounds=3)
-    run_inprocess(rc, 3, tmp_path / "whole")
-    with monkeypatch.context() as m:
-        kill_after_checkpoint(m, 2)
-        with pytest.raises(Killed):
-            run_inprocess(rc, 3, tmp_path / "killed")
-    run_inprocess({**rc, "resume": str(tmp_path / "killed")}, 3, tmp_path / "unused")
-    whole, resumed = final_model(tmp_path / "whole"), final_model(tmp_path / "killed")
+    whole, resumed = whole_and_resumed(rc, 3, tmp_path, monkeypatch, at_round=2)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     checkpoint = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert checkpoint["method"]["scalars"].shape == (3, 1, 4)

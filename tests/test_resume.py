@@ -31,6 +31,18 @@ def kill_after_checkpoint(monkeypatch, at_round):
     monkeypatch.setattr(RunWriter, "checkpoint", checkpoint)
 
 
+def whole_and_resumed(run_config, nodes, tmp_path, monkeypatch, at_round):
+    """Run ``run_config`` uninterrupted (``tmp_path / "whole"``), then killed after round
+    ``at_round`` and resumed (``tmp_path / "killed"``); both final models."""
+    run_inprocess(run_config, nodes, tmp_path / "whole")
+    with monkeypatch.context() as m:
+        kill_after_checkpoint(m, at_round)
+        with pytest.raises(Killed):
+            run_inprocess(run_config, nodes, tmp_path / "killed")
+    run_inprocess({**run_config, "resume": str(tmp_path / "killed")}, nodes, tmp_path / "unused")
+    return final_model(tmp_path / "whole"), final_model(tmp_path / "killed")
+
+
 @pytest.mark.parametrize("experiment, extra", [
     ("configs/fedavg.yaml", ""),
     ("configs/gradual-magnitude.yaml", "pruning.density=0.2 pruning.start_round=1 pruning.end_round=3"),
