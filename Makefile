@@ -50,6 +50,7 @@ bench: venv data
 	$(PY) -m benchmarks.ntk_zo
 	$(PY) -m benchmarks.leaderboard
 	$(PY) -m benchmarks.scale
+	$(PY) -m benchmarks.cpu_paths
 	$(PY) -m benchmarks.report
 
 # The leaderboard in its quick setting (under 20 minutes), and its plots from the results file.

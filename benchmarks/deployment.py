@@ -50,6 +50,10 @@ def read_rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
 
+PHASES = ("train_phase", "evaluate_phase", "central_evaluation")
+"""A round's parts, as the ServerApp records them (rounds.jsonl)."""
+
+
 def summarize(kind: str, outcome, wall: float, load: tuple[float, float]) -> dict:
     if not outcome.ok or outcome.run_dir is None:
         raise SystemExit(f"{kind}: run {outcome.run_id} ended {outcome.status}: {outcome.details}")
@@ -64,6 +68,7 @@ def summarize(kind: str, outcome, wall: float, load: tuple[float, float]) -> dic
         "mean_round_seconds": statistics.fmean(seconds),
         "mean_round_seconds_from_round_2": statistics.fmean(seconds[1:]) if len(seconds) > 1 else None,
         "train_compute_seconds_per_round": [r.get("train_compute_seconds") for r in rounds],
+        **{f"{phase}_seconds": [r.get(f"{phase}_seconds") for r in rounds] for phase in PHASES},
         "command_wall_seconds": wall,
         "load_average_1min_before_after": list(load),
     }

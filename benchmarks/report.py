@@ -185,6 +185,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "ntk_zo": ("ntk_zo.json", method_table("benchmarks.ntk_zo")),
     "leaderboard": ("leaderboard.json", method_table("benchmarks.leaderboard")),
     "scale": ("scale.json", method_table("benchmarks.scale")),
+    "cpu_paths": ("cpu_paths.json", method_table("benchmarks.cpu_paths")),
 }
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import flwr
 import torch
 
-from benchmarks.deployment import read_rounds, run_processes, run_simulation
+from benchmarks.deployment import PHASES, read_rounds, run_processes, run_simulation
 from deploy.launch import descendants, free_port
 from fedprune.experiment import APP_ROOT
 from fedprune.simulate import flower_env, simulate, superlink_pids
@@ -123,6 +123,7 @@ def run_at_scale(clients: int, rounds: int, per_round: int, workdir: Path) -> di
     return {"clients": clients, "per_round": per_round, "rounds": rounds, "round_seconds": seconds,
             "first_round_seconds": seconds[0], "later_round_seconds_max": max(seconds[1:], default=None),
             "later_round_seconds_mean": statistics.fmean(seconds[1:]) if len(seconds) > 1 else None,
+            **{f"{phase}_seconds": [r.get(f"{phase}_seconds") for r in records] for phase in PHASES},
             "peak_memory_bytes": memory.peak, "memory_samples": memory.samples,
             "train_nodes_per_round": [r.get("train_num_nodes") for r in records],
             "val_nodes_per_round": [r.get("val_num_nodes") for r in records],
@@ -135,10 +136,12 @@ def run_at_scale(clients: int, rounds: int, per_round: int, workdir: Path) -> di
 
 def central_evaluation_seconds() -> float:
     """What a round's central evaluation (the ServerApp's, the whole test set) takes alone here."""
+    from fedprune.allocator import keep_freed_memory
     from fedprune.experiment import load_experiment
     from fedprune.task import new_model, test_data
     from fedprune.training import evaluate
 
+    keep_freed_memory()  # as the ServerApp does
     experiment = load_experiment(EXPERIMENT)
     x, y = test_data(experiment.dataset.name, experiment.dataset.root)
     model, t0 = new_model(experiment), time.monotonic()
@@ -184,19 +187,31 @@ def summarize(runs: list[dict], ratio: dict | None) -> dict:
 
 def table(results: dict) -> str:
     """The README table: one row per federation size, then the processes-vs-simulation line."""
-    lines = ["| simulated clients (10 per round) | first round (s) | later rounds, mean / max (s) | peak memory (GB) "
-             "| refused nodes |", "|---:|---:|---:|---:|---:|"]
+    lines = ["| simulated clients (10 per round) | first round (s) | later rounds, mean / max (s) | of which training "
+             "/ federated evaluation / central evaluation, mean (s) | peak memory (GB) | refused nodes |",
+             "|---:|---:|---:|---:|---:|---:|"]
     for run in results["runs"]:
         later = ("–" if run["later_round_seconds_max"] is None else
-                 f"{run['later_round_seconds_mean']:.1f} / {run['later_round_seconds_max']:.1f}")
-        lines.append(f"| {run['clients']:,} | {run['first_round_seconds']:.1f} | {later} | "
+                 f"{run['later_round_seconds_mean']:.2f} / {run['later_round_seconds_max']:.2f}")
+        lines.append(f"| {run['clients']:,} | {run['first_round_seconds']:.1f} | {later} | {phases(run)} | "
                      f"{run['peak_memory_bytes'] / 1e9:.2f} | {run['refused_nodes']} |")
     if results.get("ratio"):
-        s = results["summary"]
+        s, ratio = results["summary"], results["ratio"]
         lines += ["", f"Real processes (2 SuperNodes, {EXPERIMENT}): {s['mean_round_seconds_processes']:.1f} s per "
                       f"round against {s['mean_round_seconds_simulation']:.1f} s in the simulation, "
-                      f"{s['round_time_ratio_processes_to_simulation']:.2f}x."]
+                      f"{s['round_time_ratio_processes_to_simulation']:.2f}x; from round 2, training / federated "
+                      f"evaluation / central evaluation {phases(ratio['processes'])} s over processes, "
+                      f"{phases(ratio['simulation'])} s in the simulation."]
     return "\n".join(lines)
+
+
+def phases(run: dict) -> str:
+    """Mean seconds of each phase of the rounds after the first, ``a / b / c`` (– where not recorded)."""
+    means = []
+    for phase in PHASES:
+        later = [v for v in run.get(f"{phase}_seconds", [])[1:] if v is not None]
+        means.append(f"{statistics.fmean(later):.1f}" if later else "–")
+    return " / ".join(means)
 
 
 def main(argv: list[str] | None = None) -> int:

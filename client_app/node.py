@@ -24,6 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedprune import protocol
+from fedprune.allocator import keep_freed_memory
 from fedprune.experiment import Experiment, experiment_from_run_config, resolve_path
 from fedprune.task import client_data, maskable_names, new_model
 from pruning.accounting import count_flops, training_step_memory
@@ -74,6 +75,7 @@ def node_of(context: Context) -> Node:
     where the node keeps its normalized partition between messages; deploy/launch.py sets one).
     """
     torch.set_num_threads(int(context.node_config.get("num-threads", 1)))
+    keep_freed_memory()
     experiment = experiment_of(context.run_config)
     if "data-root" in context.node_config:
         experiment = dataclasses.replace(

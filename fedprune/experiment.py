@@ -304,7 +304,10 @@ class TransportConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    batch_size: int = _opt(1000, lo=1)
+    batch_size: int = _opt(256, lo=1)
+    """Examples per forward pass when evaluating (and FedTiny's BN recalibration). 256 keeps the
+    small models' activations under glibc's largest mmap threshold (fedprune/allocator.py), where
+    larger batches are mapped and faulted in again at every batch."""
 
 
 @dataclass(frozen=True)

@@ -157,22 +157,6 @@ class ChannelWise(nn.Module):
         return Active(self.layer(x.values), x.index, x.channels)
 
 
-class MaxPool2x2(nn.Module):
-    """``nn.MaxPool2d(2)`` as the maximum of four strided views: the same values, several times
-    faster than torch's CPU kernel on contiguous N x C x H x W tensors (which both paths use)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-        top = torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2])
-        return torch.maximum(top, torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]))
-
-
-def _is_max_pool_2x2(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.MaxPool2d) and all(
-        v in (2, (2, 2)) for v in (layer.kernel_size, layer.stride)) and layer.padding in (0, (0, 0)) \
-        and layer.dilation in (1, (1, 1)) and not layer.ceil_mode and not layer.return_indices
-
-
 class Densified(nn.Module):
     """Any other layer, run on the dense tensor (inactive channels as zeros)."""
 
@@ -207,8 +191,6 @@ def convert(layer: nn.Module, skip: bool) -> nn.Module:
     if hasattr(layer, "skipping_parts"):
         branch, shortcut = layer.skipping_parts()
         return Residual(branch, shortcut, skip)
-    if _is_max_pool_2x2(layer):
-        return ChannelWise(MaxPool2x2())
     if isinstance(layer, CHANNEL_WISE):
         return ChannelWise(copy.deepcopy(layer))
     return Densified(copy.deepcopy(layer))

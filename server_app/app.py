@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedprune.allocator import keep_freed_memory
 from fedprune.experiment import Experiment, experiment_from_run_config
 from fedprune.task import new_model, test_data
 from fedprune.training import evaluate
@@ -52,6 +53,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_experiment(grid: Grid, experiment: Experiment, writer: RunWriter, resume: dict | None = None) -> dict:
     """Train ``experiment`` over ``grid``, writing every round and a checkpoint after each;
     ``resume`` continues from a checkpoint. Returns the run's summary."""
+    keep_freed_memory()
     test_x, test_y = test_data(experiment.dataset.name, experiment.dataset.root)
     model = new_model(experiment)
     scratch = new_model(experiment)

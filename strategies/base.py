@@ -530,7 +530,8 @@ class FedPruneStrategy(FedAvg):
 
         The record holds the central evaluation (``evaluate_fn``), the aggregated client metrics,
         the bytes of the round's messages per direction and purpose, rejected and failed replies,
-        and wall seconds. Raises :class:`RunFailed` when too few nodes are usable or, at the end,
+        and wall seconds: the round's, the run's so far, and the round's three phases (training
+        exchange and aggregation, federated evaluation, central evaluation). Raises :class:`RunFailed` when too few nodes are usable or, at the end,
         when no training reply was accepted in the whole run.
         """
         metered = MeteredGrid(grid)
@@ -547,8 +548,10 @@ class FedPruneStrategy(FedAvg):
             first = int(resume["round"]) + 1
         arrays = numpy_to_arrays(self.global_arrays)
 
-        def finish(server_round: int, train_m, eval_m, t_round: float) -> None:
+        def finish(server_round: int, train_m, eval_m, t_round: float, phases: dict) -> None:
+            t_central = time.monotonic()
             central = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            phases["central_evaluation_seconds"] = time.monotonic() - t_central
             if central is not None:
                 result.evaluate_metrics_serverapp[server_round] = central
             record = {"round": server_round, **{k: v for k, v in (central or {}).items()}}
@@ -557,7 +560,7 @@ class FedPruneStrategy(FedAvg):
             record.update(metered.take())
             record.update(rejected_replies=int(self.round_stats.get("rejected_replies", 0)),
                           failed_replies=int(self.round_stats.get("failed_replies", 0)),
-                          round_seconds=time.monotonic() - t_round, wall_seconds=time.monotonic() - t0,
+                          round_seconds=time.monotonic() - t_round, wall_seconds=time.monotonic() - t0, **phases,
                           density=self.density(), mask_version=self.mask_version,
                           mask_changed=int(self.round_stats.get("mask_changed", 0)))
             record.update(self.extra_round_record())
@@ -568,7 +571,7 @@ class FedPruneStrategy(FedAvg):
                 on_checkpoint(self.state_dict(server_round))
 
         if resume is None:
-            finish(0, None, None, time.monotonic())
+            finish(0, None, None, time.monotonic(), {})
         for server_round in range(first, num_rounds + 1):
             t_round = time.monotonic()
             msgs = list(self.configure_train(server_round, arrays, train_config, metered))
@@ -581,11 +584,13 @@ class FedPruneStrategy(FedAvg):
             self.after_round(server_round)
             arrays = numpy_to_arrays(self.global_arrays) if new_arrays is not None or \
                 self.round_stats.get("mask_changed") else arrays
+            t_evaluate = time.monotonic()
             msgs = list(self.configure_evaluate(server_round, arrays, evaluate_config, metered))
             eval_m = self.aggregate_evaluate(server_round, self.exchange(metered, msgs, server_round, evaluate_config))
             if eval_m is not None:
                 result.evaluate_metrics_clientapp[server_round] = eval_m
-            finish(server_round, train_m, eval_m, t_round)
+            finish(server_round, train_m, eval_m, t_round,
+                   {"train_phase_seconds": t_evaluate - t_round, "evaluate_phase_seconds": time.monotonic() - t_evaluate})
         if self.trained_rounds == 0:
             raise RunFailed(f"no training reply was accepted in {num_rounds} rounds: the model was not trained "
                             "(the log names each failed or rejected reply)")

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from fedprune.gated import GATED_MODELS, build_gated
-from fedprune.models import build_model
+from fedprune.models import MaxPool2x2, build_model
 from pruning.accounting import count_flops
 from pruning.gates import GatedConv2d, keep_counts, set_keep_ratio, winners
-from pruning.skipping import MaxPool2x2, export
+from pruning.skipping import export
 
 SHAPE = (1, 28, 28)
 
@@ -128,9 +128,15 @@ def test_skipping_runs_in_less_cpu_time_at_batch_64():
 
 
 @pytest.mark.parametrize("size", [(8, 8), (7, 9)])
-def test_the_strided_max_pool_equals_torchs(size):
+def test_the_models_max_pool_equals_torchs_with_and_without_autograd(size):
     x = torch.randn(2, 3, *size)
-    assert torch.equal(MaxPool2x2()(x), nn.MaxPool2d(2)(x))
+    assert torch.equal(MaxPool2x2()(x), nn.MaxPool2d(2)(x))  # the strided-view path
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = MaxPool2x2()(ours)
+    assert torch.equal(out, nn.MaxPool2d(2)(theirs))
+    out.sum().backward()
+    nn.MaxPool2d(2)(theirs).sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)
 
 
 def test_export_needs_a_gated_model_in_eval_mode():
