@@ -48,6 +48,7 @@ bench: venv data
 	$(PY) -m benchmarks.feddp
 	$(PY) -m benchmarks.autoflip --sweep-seeds 0
 	$(PY) -m benchmarks.ntk_zo
+	$(PY) -m benchmarks.zo_lr
 	$(PY) -m benchmarks.leaderboard
 	$(PY) -m benchmarks.scale
 	$(PY) -m benchmarks.cpu_paths

@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             if todo_seeds:
                 ran = sweep.run(todo, argparse.Namespace(**{**vars(args), "seeds": list(todo_seeds)}), row)
                 rows.update({(r["name"], s["seed"]): s for r in ran["runs"] for s in r["per_seed"]})
+                if ran.get("failed_runs"):
+                    results.setdefault("failed_runs", []).extend(ran["failed_runs"])
                 results["total_seconds"] += ran["total_seconds"]
         specs.extend(plan_)
         add_step_times(rows, args.out)

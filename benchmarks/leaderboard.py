@@ -253,14 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     results["setting"].update(quick=args.quick, zo_rounds=args.zo_rounds, densities=args.densities,
                               train_size=args.train_size, test_size=args.test_size,
                               explore_epochs=args.explore_epochs, description=description(args, data))
-    path = (args.out if args.only else report.RESULTS) / "leaderboard.json"
+    partial = bool(args.only) or bool(results.get("failed_runs"))  # never replaces the committed results
+    path = (args.out if partial else report.RESULTS) / "leaderboard.json"
     sweep.write_json(path, results)
     print(table(results))
     written = plots.render(results, path.parent)
-    if not args.only and "leaderboard" in report.TABLES:
+    if not partial and "leaderboard" in report.TABLES:
         report.update_readme(["leaderboard"])
     print(f"wrote {path} and {', '.join(p.name for p in written)} in {results['total_seconds']:.0f} s")
-    return 0
+    return sweep.report_failures(results)
 
 
 if __name__ == "__main__":

@@ -457,14 +457,14 @@ def main(argv: list[str] | None = None) -> int:
             f"0.9; small CNN; seeds {', '.join(map(str, args.seeds))}; in-process federation, {args.workers} runs at "
             "a time."))
     results["summary"] = summarize_results(results)
-    partial = args.quick or bool(args.only)
+    partial = args.quick or bool(args.only) or bool(results.get("failed_runs"))
     path = (args.out if partial else report.RESULTS) / "ntk_zo.json"
     sweep.write_json(path, results)
     print(table(results))
     if not partial:
         report.update_readme([args.name])
     print(f"wrote {path} in {results['total_seconds']:.0f} s")
-    return 0
+    return sweep.report_failures(results)
 
 
 if __name__ == "__main__":

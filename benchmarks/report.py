@@ -186,6 +186,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str | None]]] = {
     "leaderboard": ("leaderboard.json", method_table("benchmarks.leaderboard")),
     "scale": ("scale.json", method_table("benchmarks.scale")),
     "cpu_paths": ("cpu_paths.json", method_table("benchmarks.cpu_paths")),
+    "zo_lr": ("zo_lr.json", method_table("benchmarks.zo_lr")),
 }
 
 

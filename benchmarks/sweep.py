@@ -102,17 +102,23 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _execute(job: tuple[dict, int, str, Row]) -> tuple[str, int, float, dict]:
+def _execute(job: tuple[dict, int, str, Row]) -> tuple[str, int, float | None, dict]:
+    """One run: (name, seed, final accuracy, its row); a run that raises gives accuracy None and
+    ``{"seed", "wall_seconds", "error"}`` instead, so that the other runs go on."""
     spec, seed, out, row = job
     from benchmarks.inprocess import run_inprocess
 
     run_dir = Path(out) / f"{spec['name']}-s{seed}"
     start = time.monotonic()
-    summary = run_inprocess({**spec["config"], "seed": seed}, spec["nodes"], run_dir)
-    wall = time.monotonic() - start
-    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    try:
+        summary = run_inprocess({**spec["config"], "seed": seed}, spec["nodes"], run_dir)
+        records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        result = row(spec, seed, summary, records)
+    except Exception as exc:  # noqa: BLE001 - any failure of one run is reported with the results
+        return spec["name"], seed, None, {"seed": seed, "wall_seconds": time.monotonic() - start,
+                                          "error": f"{type(exc).__name__}: {exc}"}
     return spec["name"], seed, summary["final_test_accuracy"], {
-        "seed": seed, "wall_seconds": wall, **row(spec, seed, summary, records)}
+        "seed": seed, "wall_seconds": time.monotonic() - start, **result}
 
 
 def _number(v) -> bool:
@@ -157,19 +163,27 @@ def run(specs: list[dict], args: argparse.Namespace, row: Row, compare: Compare 
     specs = select(specs, args.only)
     jobs = [(spec, seed, str(args.out), row) for seed in args.seeds for spec in specs]
     rows: dict[tuple[str, int], dict] = {}
+    failed: list[dict] = []
     started = time.monotonic()
     with mp.get_context("spawn").Pool(args.workers, initializer=_one_thread) as pool:
         for done, (name, seed, accuracy, result) in enumerate(pool.imap_unordered(_execute, jobs), 1):
-            rows[name, seed] = result
+            if accuracy is None:
+                failed.append({"name": name, **result})
+            else:
+                rows[name, seed] = result
             eta = (time.monotonic() - started) / done * (len(jobs) - done)
             elapsed = time.monotonic() - started
+            outcome = f"acc {accuracy:.4f}" if accuracy is not None else f"FAILED ({result['error'][:80]})"
             print(f"[{'#' * (20 * done // len(jobs)):<20}] {done}/{len(jobs)}  {name:<36} seed {seed:<3} "
-                  f"acc {accuracy:.4f}  {result['wall_seconds']:5.0f} s  elapsed {elapsed / 60:.0f} min  "
+                  f"{outcome}  {result['wall_seconds']:5.0f} s  elapsed {elapsed / 60:.0f} min  "
                   f"ETA {eta / 60:.0f} min", flush=True)
-    return {"command": args.command,
-            "setting": {"rounds": args.rounds, "nodes": args.nodes, "workers": args.workers},
-            "seeds": args.seeds, "total_seconds": time.monotonic() - started,
-            "runs": aggregate(specs, rows, compare)}
+    results = {"command": args.command,
+               "setting": {"rounds": args.rounds, "nodes": args.nodes, "workers": args.workers},
+               "seeds": args.seeds, "total_seconds": time.monotonic() - started,
+               "runs": aggregate(specs, rows, compare)}
+    if failed:
+        results["failed_runs"] = failed
+    return results
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -180,18 +194,26 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def report_failures(results: dict) -> int:
+    """Each failed run with its error on stderr; the exit status: 1 when a run failed, else 0."""
+    for run in results.get("failed_runs", []):
+        print(f"FAILED: {run['name']} seed {run['seed']}: {run['error']}", file=sys.stderr)
+    return 1 if results.get("failed_runs") else 0
+
+
 def publish(results: dict, args: argparse.Namespace) -> int:
     """A full sweep: benchmarks/results/<name>.json and its README table. A partial one (--quick,
-    --only): <out>/<name>.json, and the table printed."""
-    partial = args.quick or bool(args.only)
+    --only) or one where runs failed: <out>/<name>.json, and the table printed. Returns the exit
+    status (:func:`report_failures`)."""
+    partial = args.quick or bool(args.only) or bool(results.get("failed_runs"))
     path = (args.out if partial else report.RESULTS) / f"{args.name}.json"
     write_json(path, results)
-    if partial:
+    if partial and results["runs"]:
         print(report.TABLES[args.name][1](results))
     else:
         report.update_readme([args.name])
     print(f"wrote {path}{'' if partial else ' and the README table'} in {results['total_seconds']:.0f} s")
-    return 0
+    return report_failures(results)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

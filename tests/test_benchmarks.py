@@ -1,5 +1,6 @@
 """The sweep's aggregation and the tables it feeds: mean and std per run, per-seed comparisons."""
 
+import argparse
 import json
 
 import pytest
@@ -59,3 +60,19 @@ def test_tables_render_sweep_results_and_the_committed_files():
     if not report._swept(committed["baselines"]):
         assert report.baselines_table(committed["baselines"]) is None
     assert "| dense FedAvg |" in report.fedlp_table(committed["fedlp"])
+
+
+def test_a_failing_run_is_reported_with_its_error_and_never_replaces_the_committed_results(tmp_path, capsys):
+    spec = {"name": "broken", "nodes": 2, "config": {"experiment": "configs/no-such-file.yaml", "num-server-rounds": 1}}
+    name, seed, accuracy, result = sweep._execute((spec, 3, str(tmp_path), lambda *a: {}))
+    assert (name, seed, accuracy) == ("broken", 3, None)
+    assert "no-such-file.yaml" in result["error"] and result["seed"] == 3
+
+    args = argparse.Namespace(quick=False, only=[], out=tmp_path, name="baselines")
+    results = {"command": "c", "setting": {}, "seeds": [3], "total_seconds": 1.0, "runs": [],
+               "failed_runs": [{"name": name, **result}]}
+    committed = (report.RESULTS / "baselines.json").read_bytes()
+    assert sweep.publish(results, args) == 1
+    assert (report.RESULTS / "baselines.json").read_bytes() == committed
+    assert json.loads((tmp_path / "baselines.json").read_text())["failed_runs"][0]["name"] == "broken"
+    assert "FAILED: broken seed 3" in capsys.readouterr().err
