@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             f"0.9; small CNN; seeds {', '.join(map(str, args.seeds))}; in-process federation, {args.workers} runs at "
             "a time."))
     results["summary"] = summarize_results(results)
-    partial = args.quick or bool(args.only) or bool(results.get("failed_runs"))
+    partial = sweep.partial(results, args)
     path = (args.out if partial else report.RESULTS) / "ntk_zo.json"
     sweep.write_json(path, results)
     print(table(results))

@@ -201,18 +201,24 @@ def report_failures(results: dict) -> int:
     return 1 if results.get("failed_runs") else 0
 
 
+def partial(results: dict, args: argparse.Namespace) -> bool:
+    """Whether a sweep's results stay out of benchmarks/results/: a --quick or --only sweep, or one
+    where runs failed."""
+    return args.quick or bool(args.only) or bool(results.get("failed_runs"))
+
+
 def publish(results: dict, args: argparse.Namespace) -> int:
-    """A full sweep: benchmarks/results/<name>.json and its README table. A partial one (--quick,
-    --only) or one where runs failed: <out>/<name>.json, and the table printed. Returns the exit
-    status (:func:`report_failures`)."""
-    partial = args.quick or bool(args.only) or bool(results.get("failed_runs"))
-    path = (args.out if partial else report.RESULTS) / f"{args.name}.json"
+    """A full sweep: benchmarks/results/<name>.json and its README table. A :func:`partial` one:
+    <out>/<name>.json, and the table printed (when a run finished). Returns the exit status
+    (:func:`report_failures`)."""
+    path = (args.out if partial(results, args) else report.RESULTS) / f"{args.name}.json"
     write_json(path, results)
-    if partial and results["runs"]:
-        print(report.TABLES[args.name][1](results))
-    else:
+    if not partial(results, args):
         report.update_readme([args.name])
-    print(f"wrote {path}{'' if partial else ' and the README table'} in {results['total_seconds']:.0f} s")
+    elif results["runs"]:
+        print(report.TABLES[args.name][1](results))
+    print(f"wrote {path}{'' if partial(results, args) else ' and the README table'} in "
+          f"{results['total_seconds']:.0f} s")
     return report_failures(results)
 
 

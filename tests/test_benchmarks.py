@@ -62,7 +62,8 @@ def test_tables_render_sweep_results_and_the_committed_files():
     assert "| dense FedAvg |" in report.fedlp_table(committed["fedlp"])
 
 
-def test_a_failing_run_is_reported_with_its_error_and_never_replaces_the_committed_results(tmp_path, capsys):
+def test_a_failing_run_is_reported_with_its_error_and_never_replaces_the_committed_results(tmp_path, capsys,
+                                                                                          monkeypatch):
     spec = {"name": "broken", "nodes": 2, "config": {"experiment": "configs/no-such-file.yaml", "num-server-rounds": 1}}
     name, seed, accuracy, result = sweep._execute((spec, 3, str(tmp_path), lambda *a: {}))
     assert (name, seed, accuracy) == ("broken", 3, None)
@@ -72,6 +73,7 @@ def test_a_failing_run_is_reported_with_its_error_and_never_replaces_the_committ
     results = {"command": "c", "setting": {}, "seeds": [3], "total_seconds": 1.0, "runs": [],
                "failed_runs": [{"name": name, **result}]}
     committed = (report.RESULTS / "baselines.json").read_bytes()
+    monkeypatch.setattr(report, "update_readme", lambda *a: pytest.fail("a failed sweep rewrote the README"))
     assert sweep.publish(results, args) == 1
     assert (report.RESULTS / "baselines.json").read_bytes() == committed
     assert json.loads((tmp_path / "baselines.json").read_text())["failed_runs"][0]["name"] == "broken"
