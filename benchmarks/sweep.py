@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import os
 import statistics
 import struct
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import report
+from fedprune.files import write_atomically
 
 QUICK_DATA = Path("/tmp/fedprune-quick-mnist")
 DEFAULT_SEEDS = [0, 1, 2]
@@ -188,10 +188,7 @@ def run(specs: list[dict], args: argparse.Namespace, row: Row, compare: Compare 
 
 def write_json(path: Path, data: dict) -> None:
     """``path`` replaced atomically (a reader sees the old file or the new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def report_failures(results: dict) -> int:

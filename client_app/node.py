@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedprune import protocol
 from fedprune.allocator import keep_freed_memory
 from fedprune.experiment import Experiment, experiment_from_run_config, resolve_path
+from fedprune.files import write_atomically
 from fedprune.task import client_data, maskable_names, new_model
 from pruning.accounting import count_flops, training_step_memory
 
@@ -161,10 +161,7 @@ def training_costs(model: torch.nn.Module, masks, x: torch.Tensor, y: torch.Tens
         )
         _COSTS[key] = (count_flops(model, x[:1], masks, training=True).effective, float(memory.peak))
         if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            part = file.with_name(f"{file.name}.{os.getpid()}.part")
-            part.write_text(json.dumps(_COSTS))
-            part.replace(file)
+            write_atomically(file, lambda tmp: tmp.write_text(json.dumps(_COSTS)))
     per_sample, peak = _COSTS[key]
     return {protocol.FLOPS: float(per_sample * len(x) * c.local_epochs), protocol.PEAK_MEMORY: peak}
 

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from fedprune.data import SPECS, load_dataset, local_files, normalize
 from fedprune.experiment import DatasetConfig, Experiment, PartitionConfig
+from fedprune.files import write_atomically
 from fedprune.models import build_model
 from fedprune.partition import TooSmallPartition, client_indices
 from fedprune.seeding import derive_seed
@@ -66,10 +66,7 @@ def client_data(dataset: DatasetConfig, partition: PartitionConfig, partition_id
         except (OSError, RuntimeError, EOFError):  # unreadable (e.g. cut short): built again below
             pass
     data = _build_client_data(dataset, partition, partition_id, num_partitions)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    part = file.with_name(f"{file.name}.{os.getpid()}.part")
-    torch.save(list(data), part)
-    part.replace(file)  # atomic: a reader sees the whole file or none
+    write_atomically(file, lambda tmp: torch.save(list(data), tmp))
     return data
 
 

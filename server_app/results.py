@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from logging import INFO
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import yaml
 from flwr.common.logger import log
 
 from fedprune.experiment import Experiment
+from fedprune.files import write_atomically
 
 SUMMED = ("rejected_replies", "failed_replies", "train_flops")
 """Round fields summed into the summary, besides every ``bytes_*`` field."""
@@ -30,12 +30,6 @@ FINAL_MODEL, FINAL_MASKS = "final_model.pt", "final_masks.pt"
 
 class ResumeError(ValueError):
     """A run directory that cannot be resumed with this experiment; says why."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _mb(n: float) -> str:
@@ -52,7 +46,7 @@ class RunWriter:
         (self.dir / "config.yaml").write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         self.rounds_file = self.dir / "rounds.jsonl"
         self.records: list[dict] = list(records or [])
-        _atomic_write(self.rounds_file, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+        write_atomically(self.rounds_file, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in self.records)))
         log(INFO, "fedprune: %s (%s, seed %d) -> %s", experiment.name, experiment.method,
             experiment.seed, self.dir)
 
@@ -81,7 +75,7 @@ class RunWriter:
 
     def checkpoint(self, state: dict) -> None:
         """Replace the run's checkpoint with ``state`` (atomically: a kill leaves the old or the new one)."""
-        _atomic_write(self.dir / CHECKPOINT, lambda p: torch.save(state, p))
+        write_atomically(self.dir / CHECKPOINT, lambda p: torch.save(state, p))
 
     def fail(self, reason: str) -> None:
         """Record in summary.json that the run failed, and why."""
