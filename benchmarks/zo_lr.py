@@ -8,14 +8,14 @@ with batch 32 averages into one step), dense and under the data-free NTK-SAP mas
 (pruning/ntk.py with Gaussian inputs, 5 iterations on the exponential schedule, as the federated
 data-free mask computes it), over a grid of learning rates for each. No federation: this isolates
 the optimizer from the protocol. Test accuracy every quarter of the run; per learning rate the
-mean and sample std over seeds. One process per seed, two at a time, one thread each (about 25 minutes). Writes benchmarks/results/zo_lr.json; ``summary`` holds each variant's best
+mean and sample std over seeds. One process per seed, two at a time, one thread each (about 20
+minutes on 2 cores). Writes benchmarks/results/zo_lr.json; ``summary`` holds each variant's best
 final accuracy and its learning rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import sys
@@ -33,9 +33,10 @@ LRS = {"dense": (0.0025, 0.005, 0.01, 0.02), "masked": (0.01, 0.02, 0.04, 0.08)}
 
 
 def data(root: Path):
+    """The subset's (train_x, train_y, test_x, test_y), normalized, from its files in ``root``."""
     from fedprune.data import load_dataset, normalize
 
-    splits = load_dataset("fashion-mnist", str(sweep.fashion_subset(root, 20_000, 1_000)))
+    splits = load_dataset("fashion-mnist", str(root))
     return (normalize(splits.train_x, splits.spec), splits.train_y, normalize(splits.test_x, splits.spec),
             splits.test_y)
 
@@ -85,7 +86,7 @@ def train(experiment, masks, lr: float, steps: int, seed: int, tensors) -> list[
     return accuracy
 
 
-def seed_runs(seed: int, steps: int) -> list[dict]:
+def seed_runs(seed: int, steps: int, root: Path) -> list[dict]:
     """Every variant and learning rate with one seed (one process, one thread)."""
     from fedprune.allocator import keep_freed_memory
     from fedprune.experiment import load_experiment
@@ -93,7 +94,7 @@ def seed_runs(seed: int, steps: int) -> list[dict]:
     torch.set_num_threads(1)
     keep_freed_memory()
     experiment = load_experiment("configs/ntk-zo.yaml")
-    tensors = data(APP_ROOT / "outputs" / "bench-zo_lr" / "data")
+    tensors = data(root)
     mask, runs = ntk_mask(experiment, seed), []
     for variant, lrs in LRS.items():
         for lr in lrs:
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     experiment = load_experiment("configs/ntk-zo.yaml")
-    data(APP_ROOT / "outputs" / "bench-zo_lr" / "data")  # written once, before the workers read it
+    root = sweep.fashion_subset(APP_ROOT / "outputs" / "bench-zo_lr" / "data", 20_000, 1_000)  # before any reader
     t0 = time.monotonic()
     with multiprocessing.get_context("spawn").Pool(min(len(args.seeds), 2)) as pool:
-        runs = [r for rs in pool.starmap(seed_runs, [(seed, args.steps) for seed in args.seeds]) for r in rs]
+        runs = [r for rs in pool.starmap(seed_runs, [(seed, args.steps, root) for seed in args.seeds]) for r in rs]
     summary = {}
     for variant, lrs in LRS.items():
         finals = {lr: [r["accuracy_by_quarter"][-1] for r in runs if r["variant"] == variant and r["lr"] == lr]
@@ -137,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                            "density": experiment.pruning.density, "k": experiment.ntk_zo.num_perturbations,
                            "sigma": experiment.ntk_zo.sigma, "clip": experiment.ntk_zo.clip},
                "seconds": time.monotonic() - t0, "runs": runs, "summary": summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    sweep.write_json(args.out, results)
     print(f"[zo_lr] best dense {summary['dense']['best_final_accuracy_mean']:.3f} (lr {summary['dense']['best_lr']}), "
           f"best masked {summary['masked']['best_final_accuracy_mean']:.3f} (lr {summary['masked']['best_lr']}); "
           f"wrote {args.out}")
@@ -160,7 +160,8 @@ def table(results: dict) -> str:
             lines.append(f"| {variant} ZO | {lr:g} | {' / '.join(f'{a:.3f}' for a in mean)}{best} "
                          f"| {mean[-1]:.3f} +- {std:.3f} |")
     lines += ["", f"Best final accuracy, masked minus dense (each at its best learning rate, per seed): "
-                  f"{s['best_masked_minus_best_dense_points']:+.1f} +- {s['best_masked_minus_best_dense_points_std']:.1f} points "
+                  f"{s['best_masked_minus_best_dense_points']:+.1f} +- "
+                  f"{s['best_masked_minus_best_dense_points_std']:.1f} points "
                   f"(seeds {', '.join(map(str, seeds))}; {results['setting']['steps']} steps, "
                   f"{results['seconds'] / 60:.0f} min). Command: `{results['command'].strip()}`."]
     return "\n".join(lines)
