@@ -192,19 +192,6 @@ class FedPruneStrategy(FedAvg):
         return NodeInfo(check_int(msg, protocol.PARTITION_ID, 0, num - 1), num,
                         check_int(msg, protocol.NUM_TRAIN, 1, 10**9), check_int(msg, protocol.NUM_VAL, 0, 10**9))
 
-    def _connected_enough(self, grid: Grid, minimum: int, server_round: int, connected: list[int]) -> list[int]:
-        """The connected nodes, once ``minimum`` of them (less those refused) are there, waiting at
-        most ``node_wait_seconds``."""
-        deadline = time.monotonic() + self.node_wait_seconds
-        while True:
-            if len(connected) - len(self.refused) >= minimum:
-                return connected
-            if len(connected) >= minimum or time.monotonic() >= deadline:
-                self._fail(server_round, len(connected) - len(self.refused), minimum, len(connected))
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(connected) - len(self.refused), minimum)
-            time.sleep(NODE_POLL_SECONDS)
-            connected = self._connected(grid)
-
     def _fail(self, server_round: int, usable: int, minimum: int, connected: int) -> None:
         reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(self.refused.items())[:5])
         raise RunFailed(
@@ -214,22 +201,25 @@ class FedPruneStrategy(FedAvg):
             "Fix the refused nodes, start more nodes, or lower sampling.min_available_nodes / "
             "min_train_nodes / min_evaluate_nodes (sampling.node_wait_seconds sets the wait).")
 
-    def _available(self, grid: Grid, minimum: int, server_round: int) -> list[int]:
-        """Every usable node (all described), by partition, once at least ``minimum`` are there.
+    def _wait_for_usable(self, grid: Grid, minimum: int, server_round: int,
+                         usable: Callable[[list[int]], list[int]],
+                         connected: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """(the connected nodes, ``usable(connected)``) once the latter holds at least ``minimum``.
 
         Waits while fewer than ``minimum`` nodes are connected, at most ``node_wait_seconds``; stops
         the run at once when enough are connected but too many were refused.
         """
         deadline = time.monotonic() + self.node_wait_seconds
         while True:
-            connected = self._connected(grid)
-            usable = self._discover(grid, connected)
-            if len(usable) >= minimum:
-                return usable
+            connected = self._connected(grid) if connected is None else connected
+            nodes = usable(connected)
+            if len(nodes) >= minimum:
+                return connected, nodes
             if len(connected) >= minimum or time.monotonic() >= deadline:
-                self._fail(server_round, len(usable), minimum, len(connected))
-            log(INFO, "Waiting for nodes: %d usable, %d required", len(usable), minimum)
+                self._fail(server_round, len(nodes), minimum, len(connected))
+            log(INFO, "Waiting for nodes: %d usable, %d required", len(nodes), minimum)
             time.sleep(NODE_POLL_SECONDS)
+            connected = None
 
     def sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int, purpose: str,
                *, validation: bool = False, ahead: tuple[tuple[str, float, int, bool], ...] = ()) -> list[int]:
@@ -248,7 +238,8 @@ class FedPruneStrategy(FedAvg):
         if len(connected) > self.experiment.sampling.describe_all_up_to:
             draws = [(purpose, fraction, min_nodes, validation), *(d for d in ahead if d[1] > 0)]
             return self._sample_partitions(grid, server_round, draws, minimum, connected)[0]
-        available = self._available(grid, minimum, server_round)
+        _, available = self._wait_for_usable(grid, minimum, server_round, lambda c: self._discover(grid, c),
+                                             connected)
         if validation:
             available = [n for n in available if self.nodes[n].num_val > 0]
         k = min(max(int(len(available) * fraction), min_nodes), len(available))
@@ -290,7 +281,8 @@ class FedPruneStrategy(FedAvg):
         seed, the round and which partitions are usable, never on node ids; a node is described
         once per run.
         """
-        connected = self._connected_enough(grid, minimum, server_round, connected)
+        connected, _ = self._wait_for_usable(grid, minimum, server_round,
+                                             lambda c: [n for n in c if n not in self.refused], connected)
         guess = self._by_registration(grid, connected)
         num = next(iter(self.nodes.values())).num_partitions if self.nodes else len(connected)
         orders = [numpy_rng(self.seed, purpose, server_round).permutation(num) for purpose, *_ in draws]
@@ -531,8 +523,9 @@ class FedPruneStrategy(FedAvg):
         The record holds the central evaluation (``evaluate_fn``), the aggregated client metrics,
         the bytes of the round's messages per direction and purpose, rejected and failed replies,
         and wall seconds: the round's, the run's so far, and the round's three phases (training
-        exchange and aggregation, federated evaluation, central evaluation). Raises :class:`RunFailed` when too few nodes are usable or, at the end,
-        when no training reply was accepted in the whole run.
+        exchange and aggregation, federated evaluation, central evaluation). Raises
+        :class:`RunFailed` when too few nodes are usable or, at the end, when no training reply was
+        accepted in the whole run.
         """
         metered = MeteredGrid(grid)
         self.reply_timeout = timeout
@@ -589,8 +582,8 @@ class FedPruneStrategy(FedAvg):
             eval_m = self.aggregate_evaluate(server_round, self.exchange(metered, msgs, server_round, evaluate_config))
             if eval_m is not None:
                 result.evaluate_metrics_clientapp[server_round] = eval_m
-            finish(server_round, train_m, eval_m, t_round,
-                   {"train_phase_seconds": t_evaluate - t_round, "evaluate_phase_seconds": time.monotonic() - t_evaluate})
+            finish(server_round, train_m, eval_m, t_round, {"train_phase_seconds": t_evaluate - t_round,
+                                                            "evaluate_phase_seconds": time.monotonic() - t_evaluate})
         if self.trained_rounds == 0:
             raise RunFailed(f"no training reply was accepted in {num_rounds} rounds: the model was not trained "
                             "(the log names each failed or rejected reply)")
