@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.sweep import write_json
 from fedprune.experiment import APP_ROOT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_paths.json"
@@ -167,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         "allocator": allocator(args.repeats, args.steps),
         "max_pool": max_pool(args.steps),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.out, results)
     a, p = results["allocator"], results["max_pool"]
-    print(f"[cpu_paths] allocator: training CPU x{a['train_cpu_ratio']:.2f}, evaluation CPU x{a['evaluate_cpu_ratio']:.2f}; "
+    print(f"[cpu_paths] allocator: training CPU x{a['train_cpu_ratio']:.2f}, "
+          f"evaluation CPU x{a['evaluate_cpu_ratio']:.2f}; "
           f"max-pool: forward x{p['forward_ratio']:.2f}, training step x{p['train_step_ratio']:.2f}; wrote {args.out}")
     return 0
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import flwr
 import torch
 
+from benchmarks.sweep import write_json
 from deploy.launch import LocalFederation, free_port
 from fedprune.experiment import APP_ROOT
 from fedprune.simulate import simulate
@@ -54,6 +55,11 @@ PHASES = ("train_phase", "evaluate_phase", "central_evaluation")
 """A round's parts, as the ServerApp records them (rounds.jsonl)."""
 
 
+def phase_seconds(rounds: list[dict]) -> dict[str, list]:
+    """``<phase>_seconds``: each phase's seconds, round by round (None where not recorded)."""
+    return {f"{phase}_seconds": [r.get(f"{phase}_seconds") for r in rounds] for phase in PHASES}
+
+
 def summarize(kind: str, outcome, wall: float, load: tuple[float, float]) -> dict:
     if not outcome.ok or outcome.run_dir is None:
         raise SystemExit(f"{kind}: run {outcome.run_id} ended {outcome.status}: {outcome.details}")
@@ -68,7 +74,7 @@ def summarize(kind: str, outcome, wall: float, load: tuple[float, float]) -> dic
         "mean_round_seconds": statistics.fmean(seconds),
         "mean_round_seconds_from_round_2": statistics.fmean(seconds[1:]) if len(seconds) > 1 else None,
         "train_compute_seconds_per_round": [r.get("train_compute_seconds") for r in rounds],
-        **{f"{phase}_seconds": [r.get(f"{phase}_seconds") for r in rounds] for phase in PHASES},
+        **phase_seconds(rounds),
         "command_wall_seconds": wall,
         "load_average_1min_before_after": list(load),
     }
@@ -150,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair in pairs:  # run directories were temporary
         for run in pair.values():
             run["run_dir"] = str(Path(run["run_dir"]).name)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     s = result["summary"]
     print(f"[bench] accuracy: simulation {s['final_test_accuracy_simulation']}, processes "
           f"{s['final_test_accuracy_processes']} (gap {s['max_final_accuracy_gap_points']:.2f} points)")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
@@ -46,7 +45,8 @@ from pathlib import Path
 import flwr
 import torch
 
-from benchmarks.deployment import PHASES, read_rounds, run_processes, run_simulation
+from benchmarks.deployment import PHASES, phase_seconds, read_rounds, run_processes, run_simulation
+from benchmarks.sweep import write_json
 from deploy.launch import descendants, free_port
 from fedprune.experiment import APP_ROOT
 from fedprune.simulate import flower_env, simulate, superlink_pids
@@ -123,7 +123,7 @@ def run_at_scale(clients: int, rounds: int, per_round: int, workdir: Path) -> di
     return {"clients": clients, "per_round": per_round, "rounds": rounds, "round_seconds": seconds,
             "first_round_seconds": seconds[0], "later_round_seconds_max": max(seconds[1:], default=None),
             "later_round_seconds_mean": statistics.fmean(seconds[1:]) if len(seconds) > 1 else None,
-            **{f"{phase}_seconds": [r.get(f"{phase}_seconds") for r in records] for phase in PHASES},
+            **phase_seconds(records),
             "peak_memory_bytes": memory.peak, "memory_samples": memory.samples,
             "train_nodes_per_round": [r.get("train_num_nodes") for r in records],
             "val_nodes_per_round": [r.get("val_num_nodes") for r in records],
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "ratio": ratio,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(table(results))
     print(f"[scale] wrote {args.out.relative_to(APP_ROOT) if args.out.is_relative_to(APP_ROOT) else args.out}")
     return 0
