@@ -26,11 +26,14 @@ the top-level ``summary``.
 The setting is small so that it finishes within the hour on 2 shared cores: ``--train-size``
 training and ``--test-size`` test images, 10 clients, half of them per round, ``--rounds`` rounds of
 one local epoch (SGD lr 0.01, momentum 0.9, weight decay 1e-5 as the authors, batch 32).
-``--quick`` runs a tiny version (a smoke test of the script itself).
+``--quick`` runs a tiny version (a smoke test of the script itself). ``--inference-only`` keeps the
+runs of benchmarks/results/feddp.json and measures the inference part again on their saved models
+(the run directories under ``--out``), for a change to the skipping inference alone.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -174,8 +177,12 @@ def inference(runs: list[dict], out: Path, dataset: str, root: str | None, quick
         name = next(s["name"] for s in runs if s.get("keep_ratio") == r and s.get("correction") == "scaffold"
                     and s["alpha"] == 0.5)
         seed = min(p["seed"] for p in next(s for s in runs if s["name"] == name)["per_seed"])
+        path = out / f"{name}-s{seed}" / "final_model.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no saved model of run {name}, seed {seed}; --inference-only measures "
+                                    "the models of a finished sweep (python -m benchmarks.feddp) under --out")
         model = build_gated("gated-cnn", spec.channels, spec.num_classes, spec.size)
-        model.load_state_dict(torch.load(out / f"{name}-s{seed}" / "final_model.pt", weights_only=True))
+        model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
 
     def initial(name: str, r: float):
@@ -291,7 +298,8 @@ def table(results: dict) -> str:
               f"point of dense FedAvg under both splits, per correction rule: {within}. Time saved / FLOPs saved "
               f"(gated CNN, r = {sm['time_saved_over_flops_saved_keep_ratio']}): "
               + ", ".join(f"batch {b}: {v:.2f}" for b, v in sm["time_saved_over_flops_saved"].items())
-              + f". Total {results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`."]
+              + f". Total {results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`"
+              + (f"; inference measured again with `{inf['command']}`." if "command" in inf else ".")]
     return "\n".join(lines)
 
 
@@ -300,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold-rounds", type=int, default=2, help="rounds of the ResNet-20 threshold runs")
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--inference-only", action="store_true",
+                        help="keep the committed runs; measure the inference again on their models under --out")
     args = sweep.parse(parser, argv)
+    if args.inference_only:
+        return inference_again(args)
     if args.quick:
         args.threshold_rounds = 1
         dataset, root = "mnist", str(args.data_root)
@@ -321,6 +333,19 @@ def main(argv: list[str] | None = None) -> int:
             "with cnn-bn, FedDP with gated-cnn; in-process federation (real strategies and ClientApp), "
             f"{args.workers} runs at a time. Inference timing: CPU time of one thread, repetitions interleaved."))
     return sweep.publish(results, args)
+
+
+def inference_again(args) -> int:
+    """The committed results with their inference part (FLOPs curve, timing) and summary measured
+    again on the run directories of the sweep that produced them."""
+    results = json.loads((report.RESULTS / "feddp.json").read_text())
+    root = str(sweep.fashion_subset(args.out / "data", args.train_size, args.test_size))
+    results["inference"] = inference(results["runs"], args.out, "fashion-mnist", root, quick=False)
+    results["inference"]["command"] = args.command
+    results["summary"] = summary(results["runs"], results["inference"])
+    sweep.write_json(report.RESULTS / "feddp.json", results)
+    report.update_readme(["feddp"])
+    return 0
 
 
 if __name__ == "__main__":

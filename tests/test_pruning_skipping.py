@@ -12,6 +12,7 @@ from fedprune.gated import GATED_MODELS, build_gated
 from fedprune.models import MaxPool2x2, build_model
 from pruning.accounting import count_flops
 from pruning.gates import GatedConv2d, keep_counts, set_keep_ratio, winners
+from pruning import skipping
 from pruning.skipping import export
 
 SHAPE = (1, 28, 28)
@@ -96,6 +97,18 @@ def test_skipping_and_dense_inference_give_the_gated_models_output(name, ratio, 
         reference = model(x)
     for skip in (False, True):
         assert torch.allclose(export(model, skip)(x), reference, atol=1e-4, rtol=1e-4), (skip, name)
+
+
+@pytest.mark.parametrize("small_slices, gather_cost", [(2**62, 0), (0, 10**9)])  # per sample / over the union
+def test_a_batch_gives_the_gated_models_output_convolved_per_sample_or_over_the_union(monkeypatch, small_slices,
+                                                                                     gather_cost):
+    monkeypatch.setattr(skipping, "SMALL_SLICES_BYTES", small_slices)
+    monkeypatch.setattr(skipping, "GATHER_COST", gather_cost)
+    for name in ("gated-cnn", "gated-resnet20"):
+        model = trained_stats(name, 0.5)
+        x = torch.randn(6, *SHAPE)
+        with torch.no_grad():
+            assert torch.allclose(export(model, skip=True)(x), model(x), atol=1e-4, rtol=1e-4), name
 
 
 def test_counted_inference_flops_fall_with_r_and_halve_at_r_one_half():
