@@ -33,7 +33,7 @@ reference of the same seed and split (then averaged over seeds); and per round, 
 benchmarks/results/leaderboard.json (``--quick`` too, labelled as such in its setting) and the
 plots, and regenerates the README table when benchmarks/report.py knows it.
 
-The full leaderboard (20 rounds, ZO 50, 6000 training images, two densities) takes about two hours
+The full leaderboard (20 rounds, ZO 50, 6000 training images, two densities) takes about an hour
 on 2 shared cores. ``--quick`` is the same leaderboard made small enough for about 15 minutes:
 1500 training and 500 test images, 3 rounds (ZO: 5), one density (0.1), AutoFLIP exploring 1
 epoch; still three seeds. Its numbers are a smoke test of the whole pipeline, not a ranking.
