@@ -208,14 +208,14 @@ def publish(results: dict, args: argparse.Namespace) -> int:
     """A full sweep: benchmarks/results/<name>.json and its README table. A :func:`partial` one:
     <out>/<name>.json, and the table printed (when a run finished). Returns the exit status
     (:func:`report_failures`)."""
-    path = (args.out if partial(results, args) else report.RESULTS) / f"{args.name}.json"
+    kept_out = partial(results, args)
+    path = (args.out if kept_out else report.RESULTS) / f"{args.name}.json"
     write_json(path, results)
-    if not partial(results, args):
+    if not kept_out:
         report.update_readme([args.name])
     elif results["runs"]:
         print(report.TABLES[args.name][1](results))
-    print(f"wrote {path}{'' if partial(results, args) else ' and the README table'} in "
-          f"{results['total_seconds']:.0f} s")
+    print(f"wrote {path}{'' if kept_out else ' and the README table'} in {results['total_seconds']:.0f} s")
     return report_failures(results)
 
 
