@@ -89,11 +89,15 @@ def run_simulation(run_config: dict, nodes: int, home: Path) -> dict:
     return summarize("simulation", outcome, time.monotonic() - t0, (load0, os.getloadavg()[0]))
 
 
-def run_processes(run_config: dict, nodes: int, workdir: Path, isolation: str) -> dict:
+def run_processes(run_config: dict, nodes: int, workdir: Path, isolation: str,
+                  supernode_poll: float | None = None) -> dict:
+    """``supernode_poll``: cap the SuperNodes' idle waits (deploy/supernode.py); ``None``: Flower's."""
     load0, t0 = os.getloadavg()[0], time.monotonic()
-    with LocalFederation(nodes, workdir=workdir, echo=False, isolation=isolation) as fed:
+    with LocalFederation(nodes, workdir=workdir, echo=False, isolation=isolation,
+                         supernode_poll=supernode_poll) as fed:
         outcome = fed.run(run_config, timeout=1800)
-    return summarize("processes", outcome, time.monotonic() - t0, (load0, os.getloadavg()[0]))
+    return {**summarize("processes", outcome, time.monotonic() - t0, (load0, os.getloadavg()[0])),
+            "supernode_poll_seconds": supernode_poll}
 
 
 def main(argv: list[str] | None = None) -> int:

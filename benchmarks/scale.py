@@ -19,7 +19,10 @@ real processes against the simulation.
 * **Processes vs simulation**: the default experiment (configs/fedavg.yaml, 2 nodes, ``--ratio-rounds``
   rounds) in the simulation and over real SuperLink + SuperNode processes on loopback
   (benchmarks/deployment.py's two runners, one ``flwr-clientapp`` process per message); the ratio of
-  their mean seconds per round.
+  their mean seconds per round. The processes run twice: with SuperNodes whose idle waits are
+  capped at ``SUPERNODE_POLL`` seconds (``deploy.launch --supernode-poll``, deploy/supernode.py;
+  the ``summary``'s ratio) and with Flower's own SuperNode, which waits 3 s after every empty pull
+  (``stock_supernode``).
 
 For context it also times one central evaluation alone in this process (``torch`` with one thread):
 every round's seconds include one.
@@ -56,6 +59,8 @@ LOGS = APP_ROOT / "outputs"
 """Each run's streamed log goes to outputs/scale-<clients>.log."""
 EXPERIMENT = "configs/fedavg.yaml"
 FIRST_ROUND_LIMIT, LATER_ROUND_LIMIT, MEMORY_LIMIT_GB, RATIO_LIMIT = 60.0, 5.0, 8.0, 1.5
+SUPERNODE_POLL = 0.1
+"""Seconds; as often as the simulation's grid looks for replies."""
 
 
 def pss_bytes(pid: int) -> int:
@@ -154,13 +159,17 @@ def run_ratio(rounds: int, workdir: Path) -> dict:
     config = {"experiment": EXPERIMENT, "num-server-rounds": rounds, "seed": -1, "overrides": "",
               "output-dir": str(workdir / "outputs")}
     sim = run_simulation({**config, "run-name": "ratio-sim"}, 2, workdir / "ratio-sim-home")
-    real = run_processes({**config, "run-name": "ratio-processes"}, 2, workdir / "ratio-federation", "subprocess")
-    for run in (sim, real):
+    real = run_processes({**config, "run-name": "ratio-processes"}, 2, workdir / "ratio-federation", "subprocess",
+                         supernode_poll=SUPERNODE_POLL)
+    stock = run_processes({**config, "run-name": "ratio-processes-stock"}, 2, workdir / "ratio-federation-stock",
+                          "subprocess")
+    for run in (sim, real, stock):
         run["run_dir"] = Path(run["run_dir"]).name
-    return {"simulation": sim, "processes": real,
+    return {"simulation": sim, "processes": real, "stock_supernode": stock,
             "ratio": real["mean_round_seconds"] / sim["mean_round_seconds"],
             "ratio_from_round_2": (real["mean_round_seconds_from_round_2"] / sim["mean_round_seconds_from_round_2"]
-                                   if rounds > 1 else None)}
+                                   if rounds > 1 else None),
+            "ratio_stock_supernode": stock["mean_round_seconds"] / sim["mean_round_seconds"]}
 
 
 def summarize(runs: list[dict], ratio: dict | None) -> dict:
@@ -182,6 +191,8 @@ def summarize(runs: list[dict], ratio: dict | None) -> dict:
         out["round_time_ratio_processes_to_simulation"] = ratio["ratio"]
         out["round_time_ratio_from_round_2"] = ratio["ratio_from_round_2"]
         out["processes_within_1.5x_simulation"] = ratio["ratio"] <= RATIO_LIMIT
+        out["supernode_poll_seconds"] = ratio["processes"]["supernode_poll_seconds"]
+        out["round_time_ratio_stock_supernode"] = ratio["ratio_stock_supernode"]
     return out
 
 
@@ -197,11 +208,14 @@ def table(results: dict) -> str:
                      f"{run['peak_memory_bytes'] / 1e9:.2f} | {run['refused_nodes']} |")
     if results.get("ratio"):
         s, ratio = results["summary"], results["ratio"]
-        lines += ["", f"Real processes (2 SuperNodes, {EXPERIMENT}): {s['mean_round_seconds_processes']:.1f} s per "
+        lines += ["", f"Real processes (2 SuperNodes, {EXPERIMENT}, idle waits capped at "
+                      f"{s['supernode_poll_seconds']} s): {s['mean_round_seconds_processes']:.1f} s per "
                       f"round against {s['mean_round_seconds_simulation']:.1f} s in the simulation, "
                       f"{s['round_time_ratio_processes_to_simulation']:.2f}x; from round 2, training / federated "
                       f"evaluation / central evaluation {phases(ratio['processes'])} s over processes, "
-                      f"{phases(ratio['simulation'])} s in the simulation."]
+                      f"{phases(ratio['simulation'])} s in the simulation. With Flower's own SuperNode (3 s "
+                      f"after every empty pull): {ratio['stock_supernode']['mean_round_seconds']:.1f} s per round, "
+                      f"{s['round_time_ratio_stock_supernode']:.2f}x."]
     return "\n".join(lines)
 
 
@@ -238,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ratio_rounds:
             print(f"[scale] processes vs simulation: {EXPERIMENT}, 2 nodes, {args.ratio_rounds} rounds", flush=True)
             ratio = run_ratio(args.ratio_rounds, Path(tmp))
-            print(f"[scale]   ratio {ratio['ratio']:.2f}", flush=True)
+            print(f"[scale]   ratio {ratio['ratio']:.2f} (Flower's own SuperNode: {ratio['ratio_stock_supernode']:.2f})",
+                  flush=True)
     results = {
         "what": "seconds per round and peak memory of the simulation by federation size; real processes vs "
                 "the simulation",

@@ -15,7 +15,9 @@ What it does, in order (docs/deployment.md has the walk-through):
 4. starts N ``flower-supernode`` processes, node i with ``--node-config "partition-id=i
    num-partitions=N data-root=... cache-dir=... num-threads=1"`` (TLS and its private key in secure
    mode; ``cache-dir``, in the node's home, is where its ClientApp processes keep the node's
-   normalized partition between messages), and waits until all of them are online;
+   normalized partition between messages), and waits until all of them are online; with
+   ``--supernode-poll SECONDS`` each runs through deploy/supernode.py, which caps Flower's 3 s
+   wait between a SuperNode's pulls at that many seconds;
 5. submits the experiment with ``flwr run . fedprune-local --stream`` and follows its log;
 6. reports the run's final status from ``flwr ls`` (``flwr run`` exits 0 even when the run failed)
    and where the results are;
@@ -61,6 +63,9 @@ CONNECTION = "fedprune-local"
 """The name of the SuperLink connection written into the CLI's config.toml."""
 
 STOP_GRACE_SECONDS = 10.0
+
+SUPERNODE_SCRIPT = Path(__file__).resolve().with_name("supernode.py")
+"""``flower-supernode`` with shorter idle waits (``supernode_poll``, ``--supernode-poll``)."""
 
 
 def say(text: str) -> None:
@@ -263,6 +268,8 @@ class LocalFederation:
     """The experiment's ``dataset.root``, where ``auto`` looks first."""
     num_threads: int = 1
     isolation: str = "subprocess"
+    supernode_poll: float | None = None
+    """Seconds a SuperNode waits at most between its pulls (deploy/supernode.py); ``None``: Flower's 3 s."""
     node_config_extra: dict[str, object] = field(default_factory=dict)
     echo: bool = True
     keep_workdir: bool = False
@@ -287,6 +294,8 @@ class LocalFederation:
             raise ValueError(f"num_partitions: got {self.num_partitions}; allowed: >= num_nodes ({self.num_nodes})")
         if self.isolation not in ("subprocess", "process"):
             raise ValueError(f"isolation: got {self.isolation!r}; allowed: subprocess, process")
+        if self.supernode_poll is not None and not 0 < self.supernode_poll <= 3:
+            raise ValueError(f"supernode_poll: got {self.supernode_poll!r}; allowed: seconds in (0, 3], or None")
         if self.certs_dir is not None:
             self.secure = True
         if self.workdir is None:
@@ -425,6 +434,8 @@ class LocalFederation:
     def start_supernode(self, spec: NodeSpec, name: str | None = None) -> Proc:
         cmd = ["flower-supernode", "--superlink", self.address, "--host", "127.0.0.1", "--port", str(spec.port),
                "--isolation", self.isolation, "--node-config", spec.node_config_arg()]
+        if self.supernode_poll is not None:
+            cmd[:1] = [sys.executable, str(SUPERNODE_SCRIPT), "--poll", str(self.supernode_poll)]
         if self.secure:
             assert self.certs is not None
             cmd += ["--root-certificates", str(self.certs.ca_cert)]
@@ -639,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads per ClientApp")
     parser.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
                         help="process: start a flower-superexec per SuperLink and SuperNode (as docker-compose does)")
+    parser.add_argument("--supernode-poll", type=float, default=None, metavar="SECONDS",
+                        help="cap Flower's idle waits of each SuperNode (3 s between empty pulls) at this many "
+                             "seconds (deploy/supernode.py); default: Flower's")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
@@ -664,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         args.nodes, num_partitions=args.num_partitions or None, workdir=args.workdir, secure=args.secure, certs_dir=args.certs,
         data_root=None if args.data_root == "none" else args.data_root, dataset=experiment.dataset.name,
         dataset_root=experiment.dataset.root,
-        num_threads=args.num_threads, isolation=args.isolation, keep_workdir=args.keep_workdir)
+        num_threads=args.num_threads, isolation=args.isolation, supernode_poll=args.supernode_poll,
+        keep_workdir=args.keep_workdir)
     try:
         with federation as fed:
             outcome = fed.run(run_config, timeout=args.timeout)

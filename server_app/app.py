@@ -27,6 +27,7 @@ from fedprune.allocator import keep_freed_memory
 from fedprune.experiment import Experiment, experiment_from_run_config
 from fedprune.task import new_model, test_data
 from fedprune.training import evaluate
+from server_app.grid import PromptGrid
 from server_app.results import RunWriter
 from strategies import RunFailed, build_strategy
 
@@ -47,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
         writer, state = RunWriter.resume(Path(resume).expanduser().resolve(), experiment)
     else:
         writer, state = RunWriter(run_directory(context.run_config, experiment.name, experiment.seed), experiment), None
-    run_experiment(grid, experiment, writer, state)
+    run_experiment(PromptGrid(grid), experiment, writer, state)
 
 
 def run_experiment(grid: Grid, experiment: Experiment, writer: RunWriter, resume: dict | None = None) -> dict:

@@ -34,10 +34,12 @@ def rounds(run_dir: Path) -> list[dict]:
 
 
 def test_launcher_runs_the_default_experiment(tmp_path):
-    """`python -m deploy.launch`: 2 rounds of configs/fedavg.yaml over a SuperLink and 2 SuperNodes."""
+    """`python -m deploy.launch`: 2 rounds of configs/fedavg.yaml over a SuperLink and 2 SuperNodes
+    (run by deploy/supernode.py with short idle waits; the other tests run Flower's own)."""
     out_dir = tmp_path / "outputs"
     cmd = [sys.executable, "-m", "deploy.launch", "--nodes", "2", "--num-partitions", str(SMALL),
-           "--num-server-rounds", "2", "--run-name", "deploy-test", "--output-dir", str(out_dir)]
+           "--num-server-rounds", "2", "--run-name", "deploy-test", "--output-dir", str(out_dir),
+           "--supernode-poll", "0.1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
