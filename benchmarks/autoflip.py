@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks import report, sweep
 
@@ -116,31 +115,6 @@ def row(spec: dict, seed: int, summary: dict, records: list[dict]) -> dict:
         if f"autoflip_{key}" in setup:
             out[key] = setup[f"autoflip_{key}"]
     return out
-
-
-def finished(spec: dict, seed: int, out: Path) -> dict | None:
-    """The row of a run of ``spec`` and ``seed`` that finished in ``out`` with the same experiment, else None."""
-    from fedprune.experiment import experiment_from_run_config
-
-    run_dir = out / f"{spec['name']}-s{seed}"
-    try:
-        result = json.loads((run_dir / "summary.json").read_text())
-        records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except FileNotFoundError:
-        return None
-    experiment = experiment_from_run_config({**spec["config"], "seed": seed})
-    if (result.get("status") != "completed" or not _same(config, experiment.to_dict())
-            or len(records) != experiment.num_server_rounds + 1):
-        return None
-    return {"seed": seed, "wall_seconds": result["wall_seconds"], **row(spec, seed, result, records)}
-
-
-def _same(a, b) -> bool:
-    """Equal where both have a key (keys added to the experiment since the run keep their defaults)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return all(_same(a[k], b[k]) for k in a.keys() & b.keys())
-    return a == b
 
 
 def compare(row: dict, dense: dict) -> dict:
@@ -289,9 +263,7 @@ def table(results: dict) -> str:
               "executed FLOPs: what dense kernels run per training example, the smaller model's when whole units "
               "are removed; step CPU time: median of one training step of the model a client trains against the "
               "dense model's, measured after the sweep; client CPU s: the clients' measured training time per "
-              f"round. Total {results['total_seconds'] / 60:.0f} min"
-              f"{f' (and {reused} runs of an earlier invocation, --reuse)' if (reused := results.get('reused_runs')) else ''}"
-              f". Command: `{results['command']}`."]
+              f"round. {report.total_note(results)}. Command: `{results['command']}`."]
     return "\n".join(lines)
 
 
@@ -304,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="splits that get the q sweep (default pathological; empty: no sweep)")
     parser.add_argument("--sweep-seeds", type=lambda s: [int(x) for x in s.split(",")],
                         help="seeds of the q sweep (default: --seeds)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="take the runs already finished in --out with the same experiment instead of rerunning")
     args = sweep.parse(parser, argv)
     if args.quick:
         dataset, data_root, args.explore_epochs = "mnist", args.data_root, 2
@@ -332,19 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         """Run a stage (with --reuse, only the runs not finished in ``args.out``) and write everything
         so far (a stopped sweep keeps the stages it finished); the stage's runs, aggregated."""
         plan_ = sweep.select(plan_, args.only)
-        missing: dict[tuple[int, ...], list[dict]] = {}
-        for s in plan_:
-            done = {seed: finished(s, seed, args.out) if args.reuse else None for seed in seeds}
-            rows.update({(s["name"], seed): r for seed, r in done.items() if r is not None})
-            results["reused_runs"] += sum(r is not None for r in done.values())
-            missing.setdefault(tuple(seed for seed, r in done.items() if r is None), []).append(s)
-        for todo_seeds, todo in missing.items():
-            if todo_seeds:
-                ran = sweep.run(todo, argparse.Namespace(**{**vars(args), "seeds": list(todo_seeds)}), row)
-                rows.update({(r["name"], s["seed"]): s for r in ran["runs"] for s in r["per_seed"]})
-                if ran.get("failed_runs"):
-                    results.setdefault("failed_runs", []).extend(ran["failed_runs"])
-                results["total_seconds"] += ran["total_seconds"]
+        ran = sweep.run(plan_, argparse.Namespace(**{**vars(args), "seeds": seeds}), row)
+        rows.update({(r["name"], s["seed"]): s for r in ran["runs"] for s in r["per_seed"]})
+        if ran.get("failed_runs"):
+            results.setdefault("failed_runs", []).extend(ran["failed_runs"])
+        results["reused_runs"] += ran.get("reused_runs", 0)
+        results["total_seconds"] += ran["total_seconds"]
         specs.extend(plan_)
         add_step_times(rows, args.out)
         runs = sweep.aggregate(specs, rows, compare)

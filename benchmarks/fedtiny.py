@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import sweep
+from benchmarks import report, sweep
 
 DENSITIES = (0.05, 0.01)
 ABLATION_DENSITY = 0.01
@@ -207,7 +207,7 @@ def table(results: dict) -> str:
         + ", ".join(f"{d}: {v:.3f}" for d, v in s["memory_ratio"].items()) + "; state memory ratio "
         + ", ".join(f"{d}: {v:.4f}" for d, v in s["state_memory_ratio"].items()) + "; FLOPs ratio "
         + ", ".join(f"{d}: {v:.4f}" for d, v in s["flops_ratio"].items() if v is not None)
-        + f". Total {results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`.")
+        + f". {report.total_note(results)}. Command: `{results['command']}`.")
     return "\n".join(lines)
 
 

@@ -217,7 +217,7 @@ def table(results: dict) -> str:
               "Bytes: every message of the run, setup rounds included; training FLOPs: counted forward + "
               "backward of the clients' training (zeroth order: forward passes), AutoFLIP's exploration "
               "included; client peak: the largest measured peak of one client training step; wall: the whole "
-              f"run in a worker sharing 2 cores. Total {results['total_seconds'] / 60:.0f} min. Command: "
+              f"run in a worker sharing 2 cores. {report.total_note(results)}. Command: "
               f"`{results['command']}`."]
     return "\n".join(lines)
 

@@ -409,7 +409,7 @@ def table(results: dict) -> str:
     lines.append(
         f"Setting: {results['setting']['description']} Summary: memory ratio (masked ZO client / backprop client, "
         f"measured in the runs) {s.get('memory_ratio', float('nan')):.3f}; accuracy gain of masked over dense ZO "
-        f"(points, per seed) {gains}. Total {results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`.")
+        f"(points, per seed) {gains}. {report.total_note(results)}. Command: `{results['command']}`.")
     return "\n".join(lines)
 
 

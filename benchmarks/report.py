@@ -35,6 +35,13 @@ def pm(run: dict, key: str, fmt: str = "{:.4f}") -> str:
     return fmt.format(run["mean"][key]) + std
 
 
+def total_note(results: dict) -> str:
+    """``Total N min`` of the runs made, and how many ``--reuse`` took from an earlier invocation."""
+    reused = results.get("reused_runs")
+    return (f"Total {results['total_seconds'] / 60:.0f} min"
+            + (f" (and {reused} runs of an earlier invocation, --reuse)" if reused else ""))
+
+
 def seeds_note(results: dict) -> str:
     seeds = results["seeds"]
     if len(seeds) < 2:
@@ -70,7 +77,7 @@ def baselines_table(results: dict) -> str | None:
         "training round (every purpose), down and up, mean over rounds 1..N; all bytes / dense: the whole run, "
         "round 0 included; round after the cut / dense: the last round's train + mask bytes (down + up, after "
         "the final cut, the mask sent only to nodes that lack it) against dense FedAvg's; setup: round 0 (e.g. "
-        f"SNIP's scoring round). Total {results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`.")
+        f"SNIP's scoring round). {total_note(results)}. Command: `{results['command']}`.")
     return "\n".join(lines)
 
 
@@ -164,8 +171,8 @@ def fedlp_table(results: dict) -> str:
         "(Hetero: the level-5 global model). Communication in k parameters per client and round, down + up: the "
         "model is the expectation (BatchNorm buffers excluded, as in the paper); counted = what these runs' draws "
         "and levels exchanged (buffers included); measured = the serialized message bytes. FLOPs are counted "
-        "(forward + backward), per training example, averaged over both runs. Total "
-        f"{results['total_seconds'] / 60:.0f} min. Command: `{results['command']}`.")
+        f"(forward + backward), per training example, averaged over both runs. {total_note(results)}. "
+        f"Command: `{results['command']}`.")
     return "\n".join(lines)
 
 

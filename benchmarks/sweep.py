@@ -22,6 +22,10 @@ run_inprocess call). ``compare(row, reference_row)`` adds fields computed agains
 row of the same seed (accuracy differences, cost ratios), so their mean is the mean of per-seed
 differences and ratios. Per run, ``mean`` and ``std`` hold every numeric field that every seed
 has; std is the sample standard deviation (ddof=1) and absent with a single seed.
+
+``--reuse`` takes every (run, seed) pair already finished under ``--out`` with the same experiment
+(its config.yaml) and as many rounds instead of running it again: a sweep that gains runs, or
+was stopped, runs only what is missing.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from benchmarks import report
 from fedprune.files import write_atomically
@@ -63,6 +68,8 @@ def parser(doc: str, name: str, *, rounds: int, nodes: int, workers: int = 2) ->
     p.add_argument("--out", type=Path, default=report.ROOT / "outputs" / f"bench-{name}",
                    help="run directories, and the results of a partial sweep (--quick, --only)")
     p.add_argument("--quick", action="store_true", help="tiny MNIST-format data, 2 rounds, 3 nodes, seeds 0,1")
+    p.add_argument("--reuse", action="store_true",
+                   help="take the runs already finished in --out with the same experiment instead of rerunning them")
     p.set_defaults(name=name, full_defaults=(rounds, nodes, DEFAULT_SEEDS))
     return p
 
@@ -121,6 +128,41 @@ def _execute(job: tuple[dict, int, str, Row]) -> tuple[str, int, float | None, d
         "seed": seed, "wall_seconds": time.monotonic() - start, **result}
 
 
+NEUTRAL_KEYS = (("evaluation", "batch_size"),)
+"""Experiment settings a finished run may differ in and still be reused: how many test images are
+evaluated at once changes no prediction (it was 1000 before it became 256)."""
+
+
+def finished(spec: dict, seed: int, out: Path, row: Row) -> dict | None:
+    """The row of a run of ``spec`` and ``seed`` that finished in ``out`` with the same experiment
+    (but for :data:`NEUTRAL_KEYS`) and as many rounds, else None."""
+    from fedprune.experiment import experiment_from_run_config
+
+    run_dir = out / f"{spec['name']}-s{seed}"
+    try:
+        result = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except FileNotFoundError:
+        return None
+    experiment = experiment_from_run_config({**spec["config"], "seed": seed})
+    wanted = experiment.to_dict()
+    for section, key in NEUTRAL_KEYS:
+        config.get(section, {}).pop(key, None)
+        wanted.get(section, {}).pop(key, None)
+    if (result.get("status") != "completed" or not _same(config, wanted)
+            or len(records) != experiment.num_server_rounds + 1):
+        return None
+    return {"seed": seed, "wall_seconds": result["wall_seconds"], **row(spec, seed, result, records)}
+
+
+def _same(a, b) -> bool:
+    """Equal where both have a key (keys added to the experiment since the run keep their defaults)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_same(a[k], b[k]) for k in a.keys() & b.keys())
+    return a == b
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -159,10 +201,21 @@ def traffic(record: dict, purposes: tuple[str, ...], directions: tuple[str, ...]
 
 def run(specs: list[dict], args: argparse.Namespace, row: Row, compare: Compare | None = None) -> dict:
     """Every (run, seed) pair of the selected specs, ``args.workers`` at a time, one progress line
-    each; the results: command, setting (rounds, nodes, workers), seeds, total_seconds, runs."""
+    each; the results: command, setting (rounds, nodes, workers), seeds, total_seconds, runs (and
+    ``reused_runs``: how many pairs ``--reuse`` took from finished run directories instead).
+    ``total_seconds`` counts only the runs made now."""
     specs = select(specs, args.only)
-    jobs = [(spec, seed, str(args.out), row) for seed in args.seeds for spec in specs]
     rows: dict[tuple[str, int], dict] = {}
+    jobs = []
+    for seed in args.seeds:
+        for spec in specs:
+            if getattr(args, "reuse", False) and (done := finished(spec, seed, Path(args.out), row)) is not None:
+                rows[spec["name"], seed] = done
+            else:
+                jobs.append((spec, seed, str(args.out), row))
+    reused = len(rows)
+    if reused:
+        print(f"[sweep] {reused} runs taken from {args.out} (--reuse), {len(jobs)} to run", flush=True)
     failed: list[dict] = []
     started = time.monotonic()
     with mp.get_context("spawn").Pool(args.workers, initializer=_one_thread) as pool:
@@ -181,6 +234,8 @@ def run(specs: list[dict], args: argparse.Namespace, row: Row, compare: Compare 
                "setting": {"rounds": args.rounds, "nodes": args.nodes, "workers": args.workers},
                "seeds": args.seeds, "total_seconds": time.monotonic() - started,
                "runs": aggregate(specs, rows, compare)}
+    if reused:
+        results["reused_runs"] = reused
     if failed:
         results["failed_runs"] = failed
     return results

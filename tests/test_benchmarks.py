@@ -4,8 +4,10 @@ import argparse
 import json
 
 import pytest
+import yaml
 
 from benchmarks import baselines, report, sweep
+from fedprune.experiment import experiment_from_run_config
 
 
 def test_mean_and_sample_std_per_run_and_per_seed_values_kept():
@@ -36,6 +38,35 @@ def test_ratios_are_taken_per_seed_against_the_same_seeds_reference():
     rows["fedavg", 0]["wall_seconds"] = 0.0  # no ratio to a zero: absent from mean and std, None per seed
     snip = sweep.aggregate(specs, rows, baselines.compare)[1]
     assert snip["per_seed"][0]["wall_seconds_ratio"] is None and "wall_seconds_ratio" not in snip["mean"]
+
+
+def test_reuse_takes_finished_runs_of_the_same_experiment_and_rounds_only(tmp_path):
+    spec = {"name": "fedavg", "nodes": 3,
+            "config": {"experiment": "configs/fedavg.yaml", "num-server-rounds": 1, "overrides": ""}}
+    run_dir = tmp_path / "fedavg-s0"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "wall_seconds": 5.0,
+                                                      "final_test_accuracy": 0.5}))
+    (run_dir / "rounds.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
+    experiment = experiment_from_run_config({**spec["config"], "seed": 0})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(experiment.to_dict()))
+
+    def row(spec, seed, summary, records):
+        return {"final_test_accuracy": summary["final_test_accuracy"], "rounds": len(records)}
+
+    args = argparse.Namespace(only=[], seeds=[0], out=tmp_path, workers=1, reuse=True, command="c", rounds=1,
+                              nodes=3)
+    results = sweep.run([spec], args, row)  # nothing left to run: no run is made
+    assert results["reused_runs"] == 1
+    assert results["runs"][0]["per_seed"] == [{"seed": 0, "wall_seconds": 5.0, "final_test_accuracy": 0.5,
+                                               "rounds": 2}]
+    other_lr = {**spec, "config": {**spec["config"], "overrides": "client.lr=0.5"}}
+    more_rounds = {**spec, "config": {**spec["config"], "num-server-rounds": 2}}
+    assert sweep.finished(other_lr, 0, tmp_path, row) is None
+    assert sweep.finished(more_rounds, 0, tmp_path, row) is None
+    assert sweep.finished(spec, 1, tmp_path, row) is None  # another seed: not run yet
+    other_batch = {**spec, "config": {**spec["config"], "overrides": "evaluation.batch_size=100"}}
+    assert sweep.finished(other_batch, 0, tmp_path, row) is not None  # changes no prediction
 
 
 def test_only_selects_by_substring_and_keeps_references():
