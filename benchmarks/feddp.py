@@ -8,7 +8,8 @@ correction rules, the threshold variant's upload bytes, and the skipping inferen
   small CNN with BatchNorm (``cnn-bn``, the reference of every comparison), and FedDP with the gated
   small CNN (``gated-cnn``) at r = 0.625, 0.5 and 0.25 (0.625: the largest r of the FLOPs curve whose
   counted inference FLOPs are at most half of dense) under SCAFFOLD (our "adaptive gradient") and
-  under the plain FedAvg rule, and at r = 0.5 under FedProx (mu 0.01);
+  under the plain FedAvg rule, at r = 0.5 under FedProx (mu 0.01), and at r = 1 (the gated model
+  with every channel kept: what the gates alone cost against dense FedAvg) under the plain rule;
 * the threshold variant (the authors' second code version) on a convolution-heavy model as theirs
   (``resnet20``, Dirichlet 0.5, ``--threshold-rounds`` rounds): tau = 1e-3 (their default) and 1e-2
   against dense FedAvg with the same model; upload bytes per client-round as measured by the ledger.
@@ -68,7 +69,7 @@ def plan(rounds: int, threshold_rounds: int, nodes: int, data: str) -> list[dict
         dense = f"fedavg-dir{alpha}"
         add(dense, "fedavg", f"{split} model.name=cnn-bn", dense, rounds, alpha=alpha, model="cnn-bn")
         variants = [(r, c) for c in SWEPT for r in RATIOS] + [(0.5, "fedprox")]
-        for r, correction in variants:
+        for r, correction in [*variants, (1.0, "none")]:  # r = 1: the gated model, no channel skipped
             add(f"feddp-r{r}-{correction}-dir{alpha}", "feddp",
                 f"{split} model.name=gated-cnn feddp.keep_ratio={r} feddp.correction={correction}", dense, rounds,
                 alpha=alpha, model="gated-cnn", keep_ratio=r, correction=correction)
@@ -223,7 +224,7 @@ def summary(runs: list[dict], measured: dict) -> dict:
     loss against dense FedAvg is at most 1 point under both splits and its counted FLOPs ratio; the
     time saved over FLOPs saved per batch size (gated CNN at the smallest such r of any rule, or at
     r = 0.5 when none qualifies); the threshold variant's upload ratio per tau; the correction rules
-    at r = 0.5."""
+    at r = 0.5; the gated model with every channel kept (r = 1) against dense FedAvg."""
     by_name = {r["name"]: r for r in runs}
 
     def mean(name: str, key: str):
@@ -250,6 +251,8 @@ def summary(runs: list[dict], measured: dict) -> dict:
                                          for tau in THRESHOLDS},
         "corrections_at_r0.5": {c: {str(a): mean(f"feddp-r0.5-{c}-dir{a}", "acc_minus_dense") for a in ALPHAS}
                                 for c in ("none", "fedprox", "scaffold")},
+        "gated_unpruned_minus_dense_points": {str(a): mean(f"feddp-r1.0-none-dir{a}", "acc_minus_dense")
+                                              for a in ALPHAS},
     }
 
 
