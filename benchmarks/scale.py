@@ -18,8 +18,9 @@ real processes against the simulation.
   (its services and ClientApp actors).
 * **Processes vs simulation**: the default experiment (configs/fedavg.yaml, 2 nodes, ``--ratio-rounds``
   rounds) in the simulation and over real SuperLink + SuperNode processes on loopback
-  (benchmarks/deployment.py's two runners, one ``flwr-clientapp`` process per message); the ratio of
-  their mean seconds per round. The processes run twice: with SuperNodes whose idle waits are
+  (benchmarks/deployment.py's two runners, one ``flwr-clientapp`` process per message), in turn,
+  ``--ratio-repeats`` times: the ratio of their mean seconds per round per repeat, and the mean and
+  std of those ratios. The processes run twice: with SuperNodes whose idle waits are
   capped at ``SUPERNODE_POLL`` seconds (``deploy.launch --supernode-poll``, deploy/supernode.py;
   the ``summary``'s ratio) and with Flower's own SuperNode, which waits 3 s after every empty pull
   (``stock_supernode``).
@@ -154,22 +155,32 @@ def central_evaluation_seconds() -> float:
     return time.monotonic() - t0
 
 
-def run_ratio(rounds: int, workdir: Path) -> dict:
-    """The default experiment, 2 nodes, in the simulation and over real processes."""
+def run_ratio(rounds: int, repeats: int, workdir: Path) -> dict:
+    """The default experiment, 2 nodes, in the simulation and over real processes (idle waits
+    capped, then Flower's own SuperNode), ``repeats`` times; the ratios per repeat, their mean and std."""
     config = {"experiment": EXPERIMENT, "num-server-rounds": rounds, "seed": -1, "overrides": "",
               "output-dir": str(workdir / "outputs")}
-    sim = run_simulation({**config, "run-name": "ratio-sim"}, 2, workdir / "ratio-sim-home")
-    real = run_processes({**config, "run-name": "ratio-processes"}, 2, workdir / "ratio-federation", "subprocess",
-                         supernode_poll=SUPERNODE_POLL)
-    stock = run_processes({**config, "run-name": "ratio-processes-stock"}, 2, workdir / "ratio-federation-stock",
-                          "subprocess")
-    for run in (sim, real, stock):
-        run["run_dir"] = Path(run["run_dir"]).name
-    return {"simulation": sim, "processes": real, "stock_supernode": stock,
-            "ratio": real["mean_round_seconds"] / sim["mean_round_seconds"],
-            "ratio_from_round_2": (real["mean_round_seconds_from_round_2"] / sim["mean_round_seconds_from_round_2"]
-                                   if rounds > 1 else None),
-            "ratio_stock_supernode": stock["mean_round_seconds"] / sim["mean_round_seconds"]}
+    pairs = []
+    for rep in range(repeats):
+        print(f"[scale]   repeat {rep + 1}/{repeats}", flush=True)
+        sim = run_simulation({**config, "run-name": f"ratio-sim-{rep}"}, 2, workdir / f"ratio-sim-home-{rep}")
+        real = run_processes({**config, "run-name": f"ratio-processes-{rep}"}, 2, workdir / f"ratio-federation-{rep}",
+                             "subprocess", supernode_poll=SUPERNODE_POLL)
+        stock = run_processes({**config, "run-name": f"ratio-processes-stock-{rep}"}, 2,
+                              workdir / f"ratio-federation-stock-{rep}", "subprocess")
+        for run in (sim, real, stock):
+            run["run_dir"] = Path(run["run_dir"]).name
+        pairs.append({"simulation": sim, "processes": real, "stock_supernode": stock,
+                      "ratio": real["mean_round_seconds"] / sim["mean_round_seconds"],
+                      "ratio_from_round_2": (real["mean_round_seconds_from_round_2"]
+                                             / sim["mean_round_seconds_from_round_2"] if rounds > 1 else None),
+                      "ratio_stock_supernode": stock["mean_round_seconds"] / sim["mean_round_seconds"]})
+    out: dict = {"repeats": pairs}
+    for key in ("ratio", "ratio_from_round_2", "ratio_stock_supernode"):
+        values = [p[key] for p in pairs if p[key] is not None]
+        out[key] = statistics.fmean(values) if values else None
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    return out
 
 
 def summarize(runs: list[dict], ratio: dict | None) -> dict:
@@ -186,13 +197,20 @@ def summarize(runs: list[dict], ratio: dict | None) -> dict:
                                                        and big["later_round_seconds_max"] < LATER_ROUND_LIMIT)
         out["10000_clients_peak_memory_under_8_gb"] = big["peak_memory_bytes"] / 1e9 < MEMORY_LIMIT_GB
     if ratio is not None:
-        out["mean_round_seconds_simulation"] = ratio["simulation"]["mean_round_seconds"]
-        out["mean_round_seconds_processes"] = ratio["processes"]["mean_round_seconds"]
+        def mean_round(kind: str) -> float:
+            return statistics.fmean(p[kind]["mean_round_seconds"] for p in ratio["repeats"])
+
+        out["ratio_repeats"] = len(ratio["repeats"])
+        out["mean_round_seconds_simulation"] = mean_round("simulation")
+        out["mean_round_seconds_processes"] = mean_round("processes")
         out["round_time_ratio_processes_to_simulation"] = ratio["ratio"]
+        out["round_time_ratio_processes_to_simulation_std"] = ratio["ratio_std"]
         out["round_time_ratio_from_round_2"] = ratio["ratio_from_round_2"]
         out["processes_within_1.5x_simulation"] = ratio["ratio"] <= RATIO_LIMIT
-        out["supernode_poll_seconds"] = ratio["processes"]["supernode_poll_seconds"]
+        out["supernode_poll_seconds"] = SUPERNODE_POLL
+        out["mean_round_seconds_stock_supernode"] = mean_round("stock_supernode")
         out["round_time_ratio_stock_supernode"] = ratio["ratio_stock_supernode"]
+        out["round_time_ratio_stock_supernode_std"] = ratio["ratio_stock_supernode_std"]
     return out
 
 
@@ -207,23 +225,31 @@ def table(results: dict) -> str:
         lines.append(f"| {run['clients']:,} | {run['first_round_seconds']:.1f} | {later} | {phases(run)} | "
                      f"{run['peak_memory_bytes'] / 1e9:.2f} | {run['refused_nodes']} |")
     if results.get("ratio"):
-        s, ratio = results["summary"], results["ratio"]
+        s, pairs = results["summary"], results["ratio"]["repeats"]
+
+        def pm(key: str) -> str:
+            std = s.get(f"{key}_std")
+            return f"{s[key]:.2f}x" + ("" if std is None else f" +- {std:.2f}")
+
         lines += ["", f"Real processes (2 SuperNodes, {EXPERIMENT}, idle waits capped at "
                       f"{s['supernode_poll_seconds']} s): {s['mean_round_seconds_processes']:.1f} s per "
                       f"round against {s['mean_round_seconds_simulation']:.1f} s in the simulation, "
-                      f"{s['round_time_ratio_processes_to_simulation']:.2f}x; from round 2, training / federated "
-                      f"evaluation / central evaluation {phases(ratio['processes'])} s over processes, "
-                      f"{phases(ratio['simulation'])} s in the simulation. With Flower's own SuperNode (3 s "
-                      f"after every empty pull): {ratio['stock_supernode']['mean_round_seconds']:.1f} s per round, "
-                      f"{s['round_time_ratio_stock_supernode']:.2f}x."]
+                      f"{pm('round_time_ratio_processes_to_simulation')} (mean +- std of {s['ratio_repeats']} "
+                      f"alternated repeats); from round 2, training / federated evaluation / central evaluation "
+                      f"{phases([p['processes'] for p in pairs])} s over processes, "
+                      f"{phases([p['simulation'] for p in pairs])} s in the simulation. With Flower's own SuperNode "
+                      f"(3 s after every empty pull): {s['mean_round_seconds_stock_supernode']:.1f} s per round, "
+                      f"{pm('round_time_ratio_stock_supernode')}."]
     return "\n".join(lines)
 
 
-def phases(run: dict) -> str:
-    """Mean seconds of each phase of the rounds after the first, ``a / b / c`` (– where not recorded)."""
+def phases(runs: dict | list[dict]) -> str:
+    """Mean seconds of each phase of the rounds after the first, over ``runs``, ``a / b / c`` (– where
+    not recorded)."""
+    runs = [runs] if isinstance(runs, dict) else runs
     means = []
     for phase in PHASES:
-        later = [v for v in run.get(f"{phase}_seconds", [])[1:] if v is not None]
+        later = [v for run in runs for v in run.get(f"{phase}_seconds", [])[1:] if v is not None]
         means.append(f"{statistics.fmean(later):.1f}" if later else "–")
     return " / ".join(means)
 
@@ -234,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--ratio-rounds", type=int, default=3, help="0: skip the processes-vs-simulation runs")
+    parser.add_argument("--ratio-repeats", type=int, default=3, help="alternated repeats of that comparison")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.clients, args.rounds, args.ratio_rounds = [100, 1_000], 2, 1
+        args.clients, args.rounds, args.ratio_rounds, args.ratio_repeats = [100, 1_000], 2, 1, 1
     torch.set_num_threads(1)
     runs, ratio = [], None
     evaluation_seconds = central_evaluation_seconds()
@@ -251,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['later_round_seconds_max'] or 0:.1f} s, peak {r['peak_memory_bytes'] / 1e9:.2f} GB", flush=True)
         if args.ratio_rounds:
             print(f"[scale] processes vs simulation: {EXPERIMENT}, 2 nodes, {args.ratio_rounds} rounds", flush=True)
-            ratio = run_ratio(args.ratio_rounds, Path(tmp))
+            ratio = run_ratio(args.ratio_rounds, args.ratio_repeats, Path(tmp))
             print(f"[scale]   ratio {ratio['ratio']:.2f} (Flower's own SuperNode: {ratio['ratio_stock_supernode']:.2f})",
                   flush=True)
     results = {
@@ -260,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv),
         "setting": {"experiment": EXPERIMENT, "per_round": args.per_round, "rounds": args.rounds,
                     "partition": "dirichlet alpha 0.5, min_partition_size 0", "simulation_client_cpus": 1,
-                    "ratio_nodes": 2, "ratio_rounds": args.ratio_rounds},
+                    "ratio_nodes": 2, "ratio_rounds": args.ratio_rounds,
+                    "ratio_repeats": args.ratio_repeats},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "flwr": flwr.__version__, "torch": torch.__version__},
         "summary": summarize(runs, ratio),
