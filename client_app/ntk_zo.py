@@ -77,7 +77,8 @@ def synced_model(msg: Message, context: Context, node: Node) -> tuple[torch.nn.M
                 "seeds": (shape, np.dtype(np.int64)),
                 "scalars": ((*shape, cfg.num_perturbations), np.dtype(np.float32))})
             replay_(dict(model.named_parameters()), masks, missed["seeds"].reshape(-1),
-                    missed["scalars"].reshape(-1, cfg.num_perturbations), cfg.lr)
+                    missed["scalars"].reshape(-1, cfg.num_perturbations),
+                    [cfg.step_lr(t) for t in range(start * cfg.local_steps, target * cfg.local_steps)])
     _store(context, model, target)
     return model, masks, target
 
@@ -163,7 +164,8 @@ def zo_train(msg: Message, context: Context, node: Node) -> Message:
         scalars, loss = directional_derivatives(model, LOSS, (x[idx], y[idx]), masks, seed, cfg.num_perturbations,
                                                 cfg.sigma, cfg.difference, cfg.forward_chunk)
         if t + 1 < len(seeds):
-            apply_update_(params, masks, seed, clip(scalars, cfg.clip).tolist(), cfg.lr)
+            apply_update_(params, masks, seed, clip(scalars, cfg.clip).tolist(),
+                          cfg.step_lr(version * cfg.local_steps + t))
         rows.append(scalars)
         losses.append(loss)
     arrays = protocol.pack({protocol.ZO_SCALARS: torch.stack(rows)})

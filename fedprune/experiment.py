@@ -258,7 +258,16 @@ class NtkZoConfig:
     local_steps: int = _opt(1, lo=1, hi=1000)
     """ZO steps per client and round, each with its own seed and K scalars."""
     lr: float = _opt(0.001, lo=0.0, lo_open=True, hi=10.0)
-    """ZO step size (server and clients apply the same plain SGD step)."""
+    """ZO step size (server and clients apply the same plain SGD step); the first step's under a schedule."""
+    lr_schedule: str = _opt("constant", choices=("constant", "cosine"))
+    """constant: every step takes ``lr``. cosine: global step t (0-based, counted over the rounds and
+    their local steps) takes ``lr_min + (lr - lr_min) (1 + cos(pi t / lr_decay_steps)) / 2``, then
+    ``lr_min`` from ``lr_decay_steps`` on. The horizon is a number of steps, not the run's rounds,
+    so that a resumed run with more rounds gives its past steps the sizes they had."""
+    lr_decay_steps: int = _opt(0, lo=0)
+    """cosine: the steps over which the step size falls from ``lr`` to ``lr_min`` (>= 1)."""
+    lr_min: float = _opt(0.0, lo=0.0)
+    """cosine: the step size from ``lr_decay_steps`` on."""
     forward_chunk: int = _opt(0, lo=0)
     """Examples per forward micro-batch of a ZO loss (0: the whole batch); less activation memory."""
     sparse_weights: bool = _opt(True)
@@ -274,6 +283,14 @@ class NtkZoConfig:
     max_replay_rounds: int = _opt(50, lo=0)
     """A node at most this many model versions behind gets the missed seeds and scalars; further
     behind (or without the model) it gets the model."""
+
+    def step_lr(self, step: int) -> float:
+        """The step size of global ZO step ``step`` (0-based; see ``lr_schedule``)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if step >= self.lr_decay_steps:
+            return self.lr_min
+        return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * step / self.lr_decay_steps)) / 2
 
 
 @dataclass(frozen=True)
@@ -467,6 +484,12 @@ def _check_across_keys(experiment: Experiment) -> None:
             raise ExperimentError(f"fedtiny.delta: got {t.delta} with t_end {t.t_end} and num_server_rounds "
                                   f"{experiment.num_server_rounds}; allowed: <= both (else the mask never adjusts; "
                                   "fedtiny.adjust_rate: 0 is the static mask)")
+    zo = experiment.ntk_zo
+    if zo.lr_schedule == "cosine" and zo.lr_decay_steps < 1:
+        raise ExperimentError("ntk_zo.lr_decay_steps: got 0 with ntk_zo.lr_schedule: cosine; allowed: >= 1 (the "
+                              "steps over which lr decays, e.g. num_server_rounds * ntk_zo.local_steps)")
+    if zo.lr_schedule == "cosine" and zo.lr_min > zo.lr:
+        raise ExperimentError(f"ntk_zo.lr_min: got {zo.lr_min:g} with ntk_zo.lr {zo.lr:g}; allowed: <= lr")
     if METHODS[experiment.method].masked and p.density == 1.0:
         raise ExperimentError(f"pruning.density: got 1.0 with method {experiment.method!r}; allowed: "
                               "0 < density < 1 (use method fedavg for a dense model)")

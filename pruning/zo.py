@@ -147,11 +147,14 @@ def apply_update_(params: Params, masks: Masks | None, seed: int, scalars: Itera
 
 
 def replay_(params: Params, masks: Masks | None, seeds: Iterable[int], scalars: Iterable[Iterable[float]],
-            lr: float) -> None:
-    """Steps in order: ``seeds[t]`` with the K scalars ``scalars[t]`` (:func:`apply_update_`)."""
+            lr: float | Iterable[float]) -> None:
+    """Steps in order: ``seeds[t]`` with the K scalars ``scalars[t]`` (:func:`apply_update_`) and
+    step size ``lr`` (one for all, or ``lr[t]`` per step)."""
     support = kept_indices(masks)
-    for seed, row in zip(seeds, scalars, strict=True):
-        _update(params, support, int(seed), row, lr)
+    seeds, scalars = list(seeds), list(scalars)
+    lrs = [lr] * len(seeds) if isinstance(lr, (int, float)) else list(lr)
+    for seed, row, step_lr in zip(seeds, scalars, lrs, strict=True):
+        _update(params, support, int(seed), row, step_lr)
 
 
 @torch.no_grad()

@@ -22,7 +22,9 @@ training in which a client sends K numbers per step.
   ``ntk_zo.max_scalar`` in magnitude), clips each node's scalars to ``ntk_zo.clip`` (a stabilizer
   in the spirit of BAFFLE's and FedKSeed's, which also bounds one node's influence), averages each
   (step, k) entry over the nodes weighted by examples, and replays the steps in order: ``theta <- theta - lr / K * sum_k c_k z_k``, z
-  regenerated from the seeds. With several local steps a node evaluates step t + 1 at its own
+  regenerated from the seeds; lr is ``ntk_zo.step_lr`` of the step's index in the run (version x
+  local_steps + t; constant unless ``ntk_zo.lr_schedule: cosine``), the same on the server and on
+  every node. With several local steps a node evaluates step t + 1 at its own
   locally updated weights, but keeps, and next time replays from, the model it received: its
   local updates are replaced by the averaged ones (DeComFL's scheme).
 * **What travels down**: a node that does not hold the model (or holds it more than
@@ -154,7 +156,9 @@ class ZeroOrder(PruningStrategy):
         """Apply one round's steps to the global model (pruning.zo.replay_, as every node does)."""
         arrays = {k: np.array(v) for k, v in self.global_arrays.items()}  # writable copies
         masks = None if self.masks is None else {k: torch.from_numpy(v) for k, v in self.masks.items()}
-        replay_({k: torch.from_numpy(arrays[k]) for k in self.params}, masks, seeds, scalars, self.cfg.lr)
+        first = self.version * self.cfg.local_steps  # this round's steps, counted over the run
+        replay_({k: torch.from_numpy(arrays[k]) for k in self.params}, masks, seeds, scalars,
+                [self.cfg.step_lr(first + j) for j in range(len(seeds))])
         self.global_arrays = arrays
         self.history.append((seeds, scalars))
         self._payloads.clear()

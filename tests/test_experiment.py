@@ -80,3 +80,18 @@ def test_overrides_are_validated_like_the_file():
         parse_overrides("client.lr")
     with pytest.raises(ExperimentError, match="seed.x: seed is not a section"):
         experiment_from_run_config({"experiment": "configs/fedavg.yaml", "overrides": "seed=3 seed.x=1"})
+
+
+def test_zo_step_size_is_constant_or_a_cosine_over_a_fixed_number_of_steps():
+    def zo(overrides):
+        return experiment_from_run_config({"experiment": "configs/ntk-zo.yaml", "overrides": overrides}).ntk_zo
+
+    constant = zo("ntk_zo.lr=0.04")
+    assert [constant.step_lr(t) for t in (0, 10, 10_000)] == [0.04] * 3
+    cosine = zo("ntk_zo.lr=0.04 ntk_zo.lr_schedule=cosine ntk_zo.lr_decay_steps=100 ntk_zo.lr_min=0.01")
+    assert cosine.step_lr(0) == 0.04 and cosine.step_lr(50) == pytest.approx(0.025)
+    assert cosine.step_lr(99) > 0.01 and cosine.step_lr(100) == cosine.step_lr(5_000) == 0.01
+    with pytest.raises(ExperimentError, match="ntk_zo.lr_decay_steps: got 0 with ntk_zo.lr_schedule: cosine"):
+        zo("ntk_zo.lr_schedule=cosine")
+    with pytest.raises(ExperimentError, match="ntk_zo.lr_min"):
+        zo("ntk_zo.lr=0.01 ntk_zo.lr_schedule=cosine ntk_zo.lr_decay_steps=10 ntk_zo.lr_min=0.1")

@@ -56,12 +56,14 @@ def stored_model(grid, node_id):
     return int(state["zo-model-meta"]["version"]), {k: v.numpy() for k, v in state["zo-model"].items()}
 
 
-@pytest.mark.parametrize("method", ["ntk-zo", "zo-dense"])
-def test_every_node_holds_the_servers_model_of_its_version_bit_for_bit(tiny_run_config, method):
+@pytest.mark.parametrize("method, schedule", [("ntk-zo", ""), ("zo-dense", ""),
+                                              ("ntk-zo", "ntk_zo.lr_schedule=cosine ntk_zo.lr_decay_steps=8")])
+def test_every_node_holds_the_servers_model_of_its_version_bit_for_bit(tiny_run_config, method, schedule):
     """Half the nodes train per round with two local steps each; a node sampled again after missing
     rounds gets only the seeds and scalars it missed, replays them, and holds exactly the server's
-    model of that version."""
-    cfg = config(tiny_run_config, method, rounds=6, extra="sampling.fraction_train=0.5 ntk_zo.local_steps=2")
+    model of that version (also when the step size decays over the run, here to 0 after 8 of 12 steps)."""
+    cfg = config(tiny_run_config, method, rounds=6,
+                 extra=f"sampling.fraction_train=0.5 ntk_zo.local_steps=2 {schedule}")
     strategy, records, grid, versions = run(cfg, nodes=4)
     assert strategy.version == 6 and sum(r["zo_replays_sent"] for r in records) >= 4
     replays = [m for m in grid.sent if protocol.ZO_REPLAY in m.content]
@@ -73,6 +75,9 @@ def test_every_node_holds_the_servers_model_of_its_version_bit_for_bit(tiny_run_
     if method == "ntk-zo":
         for name, mask in strategy.masks.items():
             assert not strategy.global_arrays[name][~mask].any()
+    if schedule:  # versions 5 and 6 (steps 8 to 11) took step size 0
+        assert all(np.array_equal(versions[4][k], versions[6][k]) for k in versions[6])
+        assert not all(np.array_equal(versions[3][k], versions[4][k]) for k in versions[4])
 
 
 def test_the_mask_is_federated_ntk_sap_at_the_target_density_and_scoring_keeps_the_initial_weights(

@@ -71,6 +71,20 @@ def test_perturb_and_restore_returns_the_weights_up_to_rounding():
     assert all(torch.allclose(params[n], before[n], atol=1e-8, rtol=0) for n in params)
 
 
+def test_a_replay_with_a_step_size_per_step_is_the_steps_one_by_one():
+    model, masks = cnn_with_mask(seed=2)
+    arrays = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    seeds, lrs = [5, 6, 7], [0.02, 0.01, 0.0]
+    scalars = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    replay_({n: torch.from_numpy(a) for n, a in arrays.items()}, masks, seeds, scalars, lrs)
+    params = dict(model.named_parameters())
+    for seed, row, lr in zip(seeds, scalars, lrs):
+        apply_update_(params, masks, seed, row, lr)
+    assert all(np.array_equal(arrays[n], p.detach().numpy()) for n, p in model.named_parameters())
+    with pytest.raises(ValueError):
+        replay_({n: torch.from_numpy(a) for n, a in arrays.items()}, masks, seeds, scalars, lrs[:2])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_replay_on_numpy_arrays_is_bit_identical_to_one_on_the_model(threads):
     """What the server does (numpy arrays, its own thread count) and what a node does (its model)."""
