@@ -6,16 +6,19 @@ of the federation (pruning/zo.py: K = 20 seeded Gaussian directions, forward dif
 1e-3, scalars clipped to +-5) for ``--steps`` steps of batch 96 (what a federated round of 3 clients
 with batch 32 averages into one step), dense and under the data-free NTK-SAP mask at density 0.1
 (pruning/ntk.py with Gaussian inputs, 5 iterations on the exponential schedule, as the federated
-data-free mask computes it), over a grid of learning rates for each. No federation: this isolates
-the optimizer from the protocol. Test accuracy every quarter of the run; per learning rate the
-mean and sample std over seeds. One process per seed, two at a time, one thread each (about 20
-minutes on 2 cores). Writes benchmarks/results/zo_lr.json; ``summary`` holds each variant's best
-final accuracy and its learning rate.
+data-free mask computes it), over a grid of learning rates for each, with a constant step and
+with a step that decays from the learning rate to 0 over the run by a half cosine
+(``ntk_zo.lr_schedule: cosine``, grids twice as high). No federation: this isolates the optimizer
+from the protocol. Test accuracy every quarter of the run; per learning rate the mean and sample
+std over seeds. One process per seed, two at a time, one thread each (about 40 minutes on 2
+cores). Writes benchmarks/results/zo_lr.json; ``summary`` holds each variant's best final accuracy
+and its learning rate, and per schedule the masked-minus-dense gap, each at its best rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import statistics
 import sys
@@ -29,7 +32,10 @@ from benchmarks import sweep
 from fedprune.experiment import APP_ROOT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "zo_lr.json"
-LRS = {"dense": (0.0025, 0.005, 0.01, 0.02), "masked": (0.01, 0.02, 0.04, 0.08)}
+LRS = {"dense": (0.0025, 0.005, 0.01, 0.02), "masked": (0.01, 0.02, 0.04, 0.08),
+       "dense-cosine": (0.005, 0.01, 0.02, 0.04), "masked-cosine": (0.02, 0.04, 0.08, 0.16)}
+"""Learning-rate grid per variant: dense or masked, constant step or ``-cosine``."""
+SCHEDULES = {"constant": ("dense", "masked"), "cosine": ("dense-cosine", "masked-cosine")}
 
 
 def data(root: Path):
@@ -60,13 +66,14 @@ def ntk_mask(experiment, seed: int) -> dict[str, torch.Tensor]:
                            cfg.prune_iterations, score, selector(experiment.pruning.allocation))
 
 
-def train(experiment, masks, lr: float, steps: int, seed: int, tensors) -> list[float]:
-    """Test accuracy after each quarter of ``steps`` ZO steps."""
+def train(experiment, masks, lr: float, schedule: str, steps: int, seed: int, tensors) -> list[float]:
+    """Test accuracy after each quarter of ``steps`` ZO steps (step sizes: ``ntk_zo.step_lr``)."""
     from fedprune.task import new_model
     from pruning.zo import apply_update_, clip, directional_derivatives
 
     x, y, tx, ty = tensors
-    cfg, model = experiment.ntk_zo, new_model(experiment)
+    cfg = dataclasses.replace(experiment.ntk_zo, lr=lr, lr_schedule=schedule, lr_decay_steps=steps)
+    model = new_model(experiment)
     if masks:
         with torch.no_grad():
             for name, mask in masks.items():
@@ -79,7 +86,7 @@ def train(experiment, masks, lr: float, steps: int, seed: int, tensors) -> list[
         scalars, _ = directional_derivatives(model, nn.functional.cross_entropy, (x[batch], y[batch]), masks,
                                              seed * 1_000_003 + step, cfg.num_perturbations, cfg.sigma,
                                              cfg.difference)  # whole-batch forwards: the same losses, faster
-        apply_update_(params, masks, seed * 1_000_003 + step, clip(scalars, cfg.clip), lr)
+        apply_update_(params, masks, seed * 1_000_003 + step, clip(scalars, cfg.clip), cfg.step_lr(step))
         if (step + 1) % max(1, steps // 4) == 0:
             with torch.no_grad():
                 accuracy.append(float((model.eval()(tx).argmax(1) == ty).float().mean()))
@@ -98,7 +105,8 @@ def seed_runs(seed: int, steps: int, root: Path) -> list[dict]:
     mask, runs = ntk_mask(experiment, seed), []
     for variant, lrs in LRS.items():
         for lr in lrs:
-            acc = train(experiment, mask if variant == "masked" else None, lr, steps, seed, tensors)
+            acc = train(experiment, mask if variant.startswith("masked") else None, lr,
+                        "cosine" if variant.endswith("-cosine") else "constant", steps, seed, tensors)
             runs.append({"variant": variant, "lr": lr, "seed": seed, "accuracy_by_quarter": acc})
             print(f"[zo_lr] seed {seed} {variant} lr {lr}: {[round(a, 3) for a in acc]}", flush=True)
     return runs
@@ -128,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                                                          for k, v in finals.items()},
                             "best_lr": best, "best_final_accuracy_mean": means[best],
                             "best_final_accuracy_per_seed": finals[best]}
-    gaps = [100 * (m - d) for m, d in zip(summary["masked"]["best_final_accuracy_per_seed"],
-                                          summary["dense"]["best_final_accuracy_per_seed"])]
-    summary["best_masked_minus_best_dense_points"] = statistics.fmean(gaps)
-    summary["best_masked_minus_best_dense_points_std"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+    summary["gap_points"] = {}
+    for schedule, (dense, masked) in SCHEDULES.items():
+        gaps = [100 * (m - d) for m, d in zip(summary[masked]["best_final_accuracy_per_seed"],
+                                              summary[dense]["best_final_accuracy_per_seed"])]
+        summary["gap_points"][schedule] = {"mean": statistics.fmean(gaps),
+                                           "std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0}
     results = {"what": __doc__.split("\n\n")[0],
                "command": "python -m benchmarks.zo_lr " + " ".join(argv if argv is not None else sys.argv[1:]),
                "setting": {"steps": args.steps, "batch": 96, "seeds": args.seeds, "lrs": LRS,
@@ -139,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                            "sigma": experiment.ntk_zo.sigma, "clip": experiment.ntk_zo.clip},
                "seconds": time.monotonic() - t0, "runs": runs, "summary": summary}
     sweep.write_json(args.out, results)
-    print(f"[zo_lr] best dense {summary['dense']['best_final_accuracy_mean']:.3f} (lr {summary['dense']['best_lr']}), "
-          f"best masked {summary['masked']['best_final_accuracy_mean']:.3f} (lr {summary['masked']['best_lr']}); "
-          f"wrote {args.out}")
+    for schedule, gap in summary["gap_points"].items():
+        print(f"[zo_lr] {schedule}: masked minus dense, each at its best rate, {gap['mean']:+.1f} +- {gap['std']:.1f} "
+              "points")
+    print(f"[zo_lr] wrote {args.out}")
     return 0
 
 
@@ -159,9 +170,9 @@ def table(results: dict) -> str:
             std = s[variant]["final_accuracy_std_by_lr"][str(lr)]
             lines.append(f"| {variant} ZO | {lr:g} | {' / '.join(f'{a:.3f}' for a in mean)}{best} "
                          f"| {mean[-1]:.3f} +- {std:.3f} |")
-    lines += ["", f"Best final accuracy, masked minus dense (each at its best learning rate, per seed): "
-                  f"{s['best_masked_minus_best_dense_points']:+.1f} +- "
-                  f"{s['best_masked_minus_best_dense_points_std']:.1f} points "
+    gaps = "; ".join(f"{schedule} step {g['mean']:+.1f} +- {g['std']:.1f} points"
+                     for schedule, g in s["gap_points"].items())
+    lines += ["", f"Best final accuracy, masked minus dense (each at its best learning rate, per seed): {gaps} "
                   f"(seeds {', '.join(map(str, seeds))}; {results['setting']['steps']} steps, "
                   f"{results['seconds'] / 60:.0f} min). Command: `{results['command'].strip()}`."]
     return "\n".join(lines)
