@@ -78,7 +78,7 @@ def synced_model(msg: Message, context: Context, node: Node) -> tuple[torch.nn.M
                 "scalars": ((*shape, cfg.num_perturbations), np.dtype(np.float32))})
             replay_(dict(model.named_parameters()), masks, missed["seeds"].reshape(-1),
                     missed["scalars"].reshape(-1, cfg.num_perturbations),
-                    [cfg.step_lr(t) for t in range(start * cfg.local_steps, target * cfg.local_steps)])
+                    cfg.version_lrs(start, target))
     _store(context, model, target)
     return model, masks, target
 
@@ -158,14 +158,13 @@ def zo_train(msg: Message, context: Context, node: Node) -> Message:
     model, masks = stepping_model(model, masks, node)  # the stored model stays as it is
     params = dict(model.named_parameters())
     start = time.process_time()
-    rows, losses = [], []
+    rows, losses, lrs = [], [], cfg.version_lrs(version, version + 1)
     for t, seed in enumerate(seeds):
         idx = order[t % len(order)]
         scalars, loss = directional_derivatives(model, LOSS, (x[idx], y[idx]), masks, seed, cfg.num_perturbations,
                                                 cfg.sigma, cfg.difference, cfg.forward_chunk)
         if t + 1 < len(seeds):
-            apply_update_(params, masks, seed, clip(scalars, cfg.clip).tolist(),
-                          cfg.step_lr(version * cfg.local_steps + t))
+            apply_update_(params, masks, seed, clip(scalars, cfg.clip).tolist(), lrs[t])
         rows.append(scalars)
         losses.append(loss)
     arrays = protocol.pack({protocol.ZO_SCALARS: torch.stack(rows)})

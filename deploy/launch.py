@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import IO
 
 from deploy.certs import Certificates, generate
+from deploy.supernode import check_poll
 from fedprune.experiment import APP_ROOT, ExperimentError, experiment_from_run_config
 from fedprune.simulate import RunOutcome, run_config_arg, flower_env, run_status
 
@@ -294,8 +295,8 @@ class LocalFederation:
             raise ValueError(f"num_partitions: got {self.num_partitions}; allowed: >= num_nodes ({self.num_nodes})")
         if self.isolation not in ("subprocess", "process"):
             raise ValueError(f"isolation: got {self.isolation!r}; allowed: subprocess, process")
-        if self.supernode_poll is not None and not 0 < self.supernode_poll <= 3:
-            raise ValueError(f"supernode_poll: got {self.supernode_poll!r}; allowed: seconds in (0, 3], or None")
+        if self.supernode_poll is not None:
+            check_poll(self.supernode_poll, "supernode_poll")
         if self.certs_dir is not None:
             self.secure = True
         if self.workdir is None:

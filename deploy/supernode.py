@@ -39,10 +39,15 @@ class CappedSleep:
         return getattr(time, name)
 
 
+def check_poll(cap: float, name: str = "--poll") -> None:
+    """Refuse a cap outside (0, 3] seconds (Flower's own longest wait is 3 s), naming it ``name``."""
+    if not 0 < cap <= 3:
+        raise ValueError(f"{name}: got {cap!r}; allowed: seconds in (0, 3] (Flower's own longest wait is 3 s)")
+
+
 def cap_waits(cap: float) -> None:
     """Make the SuperNode's loop wait at most ``cap`` seconds between its pulls and pushes."""
-    if not 0 < cap <= 3:
-        raise ValueError(f"--poll: got {cap!r}; allowed: seconds in (0, 3] (Flower's own longest wait is 3 s)")
+    check_poll(cap)
     if getattr(supernode_loop, "time", None) is not time:
         raise RuntimeError(f"{supernode_loop.__name__} no longer waits with the time module; this wrapper was "
                            "written for flwr 1.41 and needs a look before it can shorten that version's waits")

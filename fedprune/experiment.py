@@ -292,6 +292,11 @@ class NtkZoConfig:
             return self.lr_min
         return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * step / self.lr_decay_steps)) / 2
 
+    def version_lrs(self, first: int, last: int) -> list[float]:
+        """The step sizes of the steps that make model versions ``first + 1 .. last`` (``local_steps``
+        each, in order): the one indexing of steps that the server and every node share."""
+        return [self.step_lr(t) for t in range(first * self.local_steps, last * self.local_steps)]
+
 
 @dataclass(frozen=True)
 class FedDPConfig:

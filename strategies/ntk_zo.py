@@ -156,9 +156,8 @@ class ZeroOrder(PruningStrategy):
         """Apply one round's steps to the global model (pruning.zo.replay_, as every node does)."""
         arrays = {k: np.array(v) for k, v in self.global_arrays.items()}  # writable copies
         masks = None if self.masks is None else {k: torch.from_numpy(v) for k, v in self.masks.items()}
-        first = self.version * self.cfg.local_steps  # this round's steps, counted over the run
         replay_({k: torch.from_numpy(arrays[k]) for k in self.params}, masks, seeds, scalars,
-                [self.cfg.step_lr(first + j) for j in range(len(seeds))])
+                self.cfg.version_lrs(self.version, self.version + 1))
         self.global_arrays = arrays
         self.history.append((seeds, scalars))
         self._payloads.clear()
