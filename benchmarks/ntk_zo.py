@@ -5,7 +5,9 @@ mask; client memory; upload bytes against K.
 ``python -m benchmarks.ntk_zo`` (``make bench``) runs, per Dirichlet alpha (0.5, 0.1), dense ZO,
 masked ZO (data-free federated NTK-SAP mask, density 0.1) and backprop FedAvg (fewer rounds: a
 reference, not a race) with seeds 0, 1, 2 in the in-process federation (benchmarks/sweep.py: the
-real strategies and ClientApp), two runs at a time. Masked ZO is compared with the dense ZO run of
+real strategies and ClientApp), two runs at a time. Both ZO methods take a step that decays to 0 over
+the run by a half cosine (``--lr-schedule``; benchmarks/zo_lr.py measured it better than a constant
+step for each). Masked ZO is compared with the dense ZO run of
 the same seed and alpha: accuracy gain in points and the ratio of counted training FLOPs.
 
 Then, without training, in this process:
@@ -49,9 +51,13 @@ UPLOAD_KS = (5, 20, 50, 100)
 
 
 def zo_overrides(args) -> str:
+    """The ZO keys every ZO run shares; a cosine step decays to 0 over the run's steps (rounds x local steps)."""
+    schedule = f"ntk_zo.lr_schedule={args.lr_schedule}"
+    if args.lr_schedule == "cosine":
+        schedule += f" ntk_zo.lr_decay_steps={args.rounds * args.local_steps}"
     return (f"ntk_zo.num_perturbations={args.k} ntk_zo.local_steps={args.local_steps} ntk_zo.clip={args.clip} "
             f"ntk_zo.forward_chunk={args.chunk} sampling.fraction_evaluate=0 sampling.fraction_train={args.fraction} "
-            f"sampling.min_train_nodes=1 client.batch_size={args.batch_size}")
+            f"sampling.min_train_nodes=1 client.batch_size={args.batch_size} {schedule}")
 
 
 def plan(args, data_root: Path, dataset: str) -> list[dict]:
@@ -425,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-dense", type=float, default=0.01)
     parser.add_argument("--lr-masked", type=float, default=0.04)
     parser.add_argument("--clip", type=float, default=5.0, help="clip of each client's scalars")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+                        help="ZO step size: constant, or decayed to 0 over the run by a half cosine (the better "
+                             "of the two for dense and masked ZO in benchmarks/results/zo_lr.json)")
     parser.add_argument("--mask-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--train-size", type=int, default=20000)
     parser.add_argument("--test-size", type=int, default=1000)
@@ -442,16 +451,18 @@ def main(argv: list[str] | None = None) -> int:
                                       "overrides": f"dataset.name={dataset} dataset.root={data_root} "
                                                    f"{zo_overrides(args)} ntk_zo.prune_iterations=1"})
     results["total_seconds"] = time.monotonic() - started
+    schedule_text = ("step decayed to 0 over the run by a half cosine from" if args.lr_schedule == "cosine"
+                     else "constant step,")
     data = (f"Fashion-MNIST, a fixed random subset of {args.train_size} training and {args.test_size} test images"
             if not args.quick else "tiny MNIST-format files")
     results["setting"].update(
         k=args.k, local_steps=args.local_steps, batch_size=args.batch_size, chunk=args.chunk, density=args.density,
-        lr_dense=args.lr_dense, lr_masked=args.lr_masked, clip=args.clip, fraction_train=args.fraction,
+        lr_dense=args.lr_dense, lr_masked=args.lr_masked, lr_schedule=args.lr_schedule, clip=args.clip, fraction_train=args.fraction,
         fedavg_rounds=args.fedavg_rounds, mask_seeds=args.mask_seeds, description=(
             f"{data}, {args.nodes} clients (10% of each held out), Dirichlet 0.5 and 0.1, "
             f"{max(1, int(args.nodes * args.fraction))} sampled per round; ZO: {args.rounds} rounds of "
             f"{args.local_steps} step(s), K={args.k} forward differences, sigma 1e-3, scalars clipped to "
-            f"+-{args.clip:g}, batch {args.batch_size} in micro-batches of {args.chunk}, lr {args.lr_dense} "
+            f"+-{args.clip:g}, batch {args.batch_size} in micro-batches of {args.chunk}, {schedule_text} lr {args.lr_dense} "
             f"(dense) / {args.lr_masked} (masked, density {args.density}, data-free federated NTK-SAP mask, 5 "
             f"scoring rounds, steps on the kept weights only); backprop FedAvg: {args.fedavg_rounds} rounds of 1 local epoch, SGD lr 0.05 momentum "
             f"0.9; small CNN; seeds {', '.join(map(str, args.seeds))}; in-process federation, {args.workers} runs at "
