@@ -135,32 +135,26 @@ evaluated at once changes no prediction (it was 1000 before it became 256)."""
 
 def finished(spec: dict, seed: int, out: Path, row: Row) -> dict | None:
     """The row of a run of ``spec`` and ``seed`` that finished in ``out`` with the same experiment
-    (but for :data:`NEUTRAL_KEYS`) and as many rounds, else None."""
-    from fedprune.experiment import experiment_from_run_config
+    (but for :data:`NEUTRAL_KEYS`; a key the run's config.yaml lacks, added since, counts with its
+    default) and as many rounds, else None."""
+    from fedprune.experiment import ExperimentError, experiment_from_mapping, experiment_from_run_config
 
     run_dir = out / f"{spec['name']}-s{seed}"
     try:
         result = json.loads((run_dir / "summary.json").read_text())
         records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except FileNotFoundError:
+        done = experiment_from_mapping(yaml.safe_load((run_dir / "config.yaml").read_text())).to_dict()
+    except (FileNotFoundError, ExperimentError):  # not run, or a key since removed or restricted
         return None
     experiment = experiment_from_run_config({**spec["config"], "seed": seed})
     wanted = experiment.to_dict()
     for section, key in NEUTRAL_KEYS:
-        config.get(section, {}).pop(key, None)
+        done.get(section, {}).pop(key, None)
         wanted.get(section, {}).pop(key, None)
-    if (result.get("status") != "completed" or not _same(config, wanted)
+    if (result.get("status") != "completed" or done != wanted
             or len(records) != experiment.num_server_rounds + 1):
         return None
     return {"seed": seed, "wall_seconds": result["wall_seconds"], **row(spec, seed, result, records)}
-
-
-def _same(a, b) -> bool:
-    """Equal where both have a key (keys added to the experiment since the run keep their defaults)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return all(_same(a[k], b[k]) for k in a.keys() & b.keys())
-    return a == b
 
 
 def _number(v) -> bool:

@@ -446,6 +446,12 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
         raise ExperimentError(f"experiment: {file} must hold a mapping of keys, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
+    return experiment_from_mapping(data)
+
+
+def experiment_from_mapping(data: Mapping[str, Any]) -> Experiment:
+    """Validate a mapping of keys (as an experiment file or a run's config.yaml holds them); a key
+    it leaves out takes its default."""
     experiment = _build(Experiment, data, "")
     _check_across_keys(experiment)
     return experiment

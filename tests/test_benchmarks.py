@@ -69,6 +69,30 @@ def test_reuse_takes_finished_runs_of_the_same_experiment_and_rounds_only(tmp_pa
     assert sweep.finished(other_batch, 0, tmp_path, row) is not None  # changes no prediction
 
 
+def test_reuse_counts_a_key_added_since_the_run_with_its_default(tmp_path):
+    spec = {"name": "zo-dense", "nodes": 3,
+            "config": {"experiment": "configs/zo-dense.yaml", "num-server-rounds": 1, "overrides": ""}}
+    run_dir = tmp_path / "zo-dense-s0"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "wall_seconds": 5.0}))
+    (run_dir / "rounds.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
+    config = experiment_from_run_config({**spec["config"], "seed": 0}).to_dict()
+    for key in ("lr_schedule", "lr_decay_steps", "lr_min"):  # as a run made before the schedule existed
+        del config["ntk_zo"][key]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+    def row(spec, seed, summary, records):
+        return {}
+
+    cosine = {**spec, "config": {**spec["config"],
+                                 "overrides": "ntk_zo.lr_schedule=cosine ntk_zo.lr_decay_steps=1"}}
+    assert sweep.finished(spec, 0, tmp_path, row) is not None  # the run had the default, constant step
+    assert sweep.finished(cosine, 0, tmp_path, row) is None
+    config["ntk_zo"]["gone"] = 1  # a key the experiment no longer has: not comparable, rerun
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert sweep.finished(spec, 0, tmp_path, row) is None
+
+
 def test_only_selects_by_substring_and_keeps_references():
     specs = [{"name": n, "reference": "fedavg"} for n in ("fedavg", "snip-d0.1", "snip-d0.05", "synflow-d0.1")]
     assert [s["name"] for s in sweep.select(specs, ["snip"])] == ["fedavg", "snip-d0.1", "snip-d0.05"]
