@@ -90,14 +90,15 @@ def run_simulation(run_config: dict, nodes: int, home: Path) -> dict:
 
 
 def run_processes(run_config: dict, nodes: int, workdir: Path, isolation: str,
-                  supernode_poll: float | None = None) -> dict:
-    """``supernode_poll``: cap the SuperNodes' idle waits (deploy/supernode.py); ``None``: Flower's."""
+                  supernode_poll: float | None = None, warm_clientapps: bool = False) -> dict:
+    """``supernode_poll``: cap the SuperNodes' idle waits (deploy/supernode.py); ``None``: Flower's.
+    ``warm_clientapps``: fork the ClientApp processes from a warm zygote (deploy/superexec.py)."""
     load0, t0 = os.getloadavg()[0], time.monotonic()
     with LocalFederation(nodes, workdir=workdir, echo=False, isolation=isolation,
-                         supernode_poll=supernode_poll) as fed:
+                         supernode_poll=supernode_poll, warm_clientapps=warm_clientapps) as fed:
         outcome = fed.run(run_config, timeout=1800)
     return {**summarize("processes", outcome, time.monotonic() - t0, (load0, os.getloadavg()[0])),
-            "supernode_poll_seconds": supernode_poll}
+            "supernode_poll_seconds": supernode_poll, "warm_clientapps": warm_clientapps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,12 @@ real processes against the simulation.
   rounds) in the simulation and over real SuperLink + SuperNode processes on loopback
   (benchmarks/deployment.py's two runners, one ``flwr-clientapp`` process per message), in turn,
   ``--ratio-repeats`` times: the ratio of their mean seconds per round per repeat, and the mean and
-  std of those ratios. The processes run twice: with SuperNodes whose idle waits are
-  capped at ``SUPERNODE_POLL`` seconds (``deploy.launch --supernode-poll``, deploy/supernode.py;
-  the ``summary``'s ratio) and with Flower's own SuperNode, which waits 3 s after every empty pull
-  (``stock_supernode``).
+  std of those ratios. The processes run three times (:data:`PROCESS_VARIANTS`): with SuperNodes
+  whose idle waits are capped at ``SUPERNODE_POLL`` seconds (``deploy.launch --supernode-poll``,
+  deploy/supernode.py) and ClientApp processes forked from a warm zygote (``--warm-clientapps``,
+  deploy/superexec.py), the ``summary``'s ratio; with the capped waits only (``capped_waits``); and
+  as Flower starts them, a SuperNode that waits 3 s after every empty pull and a fresh
+  ``flwr-clientapp`` process per message (``stock_supernode``).
 
 For context it also times one central evaluation alone in this process (``torch`` with one thread):
 every round's seconds include one.
@@ -62,6 +64,10 @@ EXPERIMENT = "configs/fedavg.yaml"
 FIRST_ROUND_LIMIT, LATER_ROUND_LIMIT, MEMORY_LIMIT_GB, RATIO_LIMIT = 60.0, 5.0, 8.0, 1.5
 SUPERNODE_POLL = 0.1
 """Seconds; as often as the simulation's grid looks for replies."""
+PROCESS_VARIANTS = {"processes": {"supernode_poll": SUPERNODE_POLL, "warm_clientapps": True},
+                    "capped_waits": {"supernode_poll": SUPERNODE_POLL},
+                    "stock_supernode": {}}
+"""How the real-process federations start their SuperNodes and ClientApps (``processes``: the summary's ratio)."""
 
 
 def pss_bytes(pid: int) -> int:
@@ -156,27 +162,29 @@ def central_evaluation_seconds() -> float:
 
 
 def run_ratio(rounds: int, repeats: int, workdir: Path) -> dict:
-    """The default experiment, 2 nodes, in the simulation and over real processes (idle waits
-    capped, then Flower's own SuperNode), ``repeats`` times; the ratios per repeat, their mean and std."""
+    """The default experiment, 2 nodes, in the simulation and over real processes (each of
+    :data:`PROCESS_VARIANTS`), ``repeats`` times; the ratios per repeat, their mean and std."""
     config = {"experiment": EXPERIMENT, "num-server-rounds": rounds, "seed": -1, "overrides": "",
               "output-dir": str(workdir / "outputs")}
     pairs = []
     for rep in range(repeats):
         print(f"[scale]   repeat {rep + 1}/{repeats}", flush=True)
-        sim = run_simulation({**config, "run-name": f"ratio-sim-{rep}"}, 2, workdir / f"ratio-sim-home-{rep}")
-        real = run_processes({**config, "run-name": f"ratio-processes-{rep}"}, 2, workdir / f"ratio-federation-{rep}",
-                             "subprocess", supernode_poll=SUPERNODE_POLL)
-        stock = run_processes({**config, "run-name": f"ratio-processes-stock-{rep}"}, 2,
-                              workdir / f"ratio-federation-stock-{rep}", "subprocess")
-        for run in (sim, real, stock):
-            run["run_dir"] = Path(run["run_dir"]).name
-        pairs.append({"simulation": sim, "processes": real, "stock_supernode": stock,
-                      "ratio": real["mean_round_seconds"] / sim["mean_round_seconds"],
-                      "ratio_from_round_2": (real["mean_round_seconds_from_round_2"]
-                                             / sim["mean_round_seconds_from_round_2"] if rounds > 1 else None),
-                      "ratio_stock_supernode": stock["mean_round_seconds"] / sim["mean_round_seconds"]})
+        pair = {"simulation": run_simulation({**config, "run-name": f"ratio-sim-{rep}"}, 2,
+                                             workdir / f"ratio-sim-home-{rep}")}
+        for kind, options in PROCESS_VARIANTS.items():
+            pair[kind] = run_processes({**config, "run-name": f"ratio-{kind}-{rep}"}, 2,
+                                       workdir / f"ratio-federation-{kind}-{rep}", "subprocess", **options)
+        for kind in ("simulation", *PROCESS_VARIANTS):
+            pair[kind]["run_dir"] = Path(pair[kind]["run_dir"]).name
+        sim, real = pair["simulation"], pair["processes"]
+        pair["ratio"] = real["mean_round_seconds"] / sim["mean_round_seconds"]
+        pair["ratio_from_round_2"] = (real["mean_round_seconds_from_round_2"]
+                                      / sim["mean_round_seconds_from_round_2"] if rounds > 1 else None)
+        for kind in PROCESS_VARIANTS.keys() - {"processes"}:
+            pair[f"ratio_{kind}"] = pair[kind]["mean_round_seconds"] / sim["mean_round_seconds"]
+        pairs.append(pair)
     out: dict = {"repeats": pairs}
-    for key in ("ratio", "ratio_from_round_2", "ratio_stock_supernode"):
+    for key in ("ratio", "ratio_from_round_2", "ratio_capped_waits", "ratio_stock_supernode"):
         values = [p[key] for p in pairs if p[key] is not None]
         out[key] = statistics.fmean(values) if values else None
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -208,6 +216,10 @@ def summarize(runs: list[dict], ratio: dict | None) -> dict:
         out["round_time_ratio_from_round_2"] = ratio["ratio_from_round_2"]
         out["processes_within_1.5x_simulation"] = ratio["ratio"] <= RATIO_LIMIT
         out["supernode_poll_seconds"] = SUPERNODE_POLL
+        out["processes_warm_clientapps"] = PROCESS_VARIANTS["processes"].get("warm_clientapps", False)
+        out["mean_round_seconds_capped_waits"] = mean_round("capped_waits")
+        out["round_time_ratio_capped_waits"] = ratio["ratio_capped_waits"]
+        out["round_time_ratio_capped_waits_std"] = ratio["ratio_capped_waits_std"]
         out["mean_round_seconds_stock_supernode"] = mean_round("stock_supernode")
         out["round_time_ratio_stock_supernode"] = ratio["ratio_stock_supernode"]
         out["round_time_ratio_stock_supernode_std"] = ratio["ratio_stock_supernode_std"]
@@ -231,15 +243,20 @@ def table(results: dict) -> str:
             std = s.get(f"{key}_std")
             return f"{s[key]:.2f}x" + ("" if std is None else f" +- {std:.2f}")
 
-        lines += ["", f"Real processes (2 SuperNodes, {EXPERIMENT}, idle waits capped at "
-                      f"{s['supernode_poll_seconds']} s): {s['mean_round_seconds_processes']:.1f} s per "
-                      f"round against {s['mean_round_seconds_simulation']:.1f} s in the simulation, "
-                      f"{pm('round_time_ratio_processes_to_simulation')} (mean +- std of {s['ratio_repeats']} "
-                      f"alternated repeats); from round 2, training / federated evaluation / central evaluation "
-                      f"{phases([p['processes'] for p in pairs])} s over processes, "
-                      f"{phases([p['simulation'] for p in pairs])} s in the simulation. With Flower's own SuperNode "
-                      f"(3 s after every empty pull): {s['mean_round_seconds_stock_supernode']:.1f} s per round, "
-                      f"{pm('round_time_ratio_stock_supernode')}."]
+        warm = ", ClientApps forked from a warm zygote" if s.get("processes_warm_clientapps") else ""
+        text = (f"Real processes (2 SuperNodes, {EXPERIMENT}, idle waits capped at {s['supernode_poll_seconds']} s"
+                f"{warm}): {s['mean_round_seconds_processes']:.1f} s per round against "
+                f"{s['mean_round_seconds_simulation']:.1f} s in the simulation, "
+                f"{pm('round_time_ratio_processes_to_simulation')} (mean +- std of {s['ratio_repeats']} alternated "
+                f"repeats); from round 2, training / federated evaluation / central evaluation "
+                f"{phases([p['processes'] for p in pairs])} s over processes, "
+                f"{phases([p['simulation'] for p in pairs])} s in the simulation.")
+        if "mean_round_seconds_capped_waits" in s:
+            text += (f" With the capped waits only (a fresh ClientApp process per message): "
+                     f"{s['mean_round_seconds_capped_waits']:.1f} s per round, {pm('round_time_ratio_capped_waits')}.")
+        text += (f" As Flower starts them (3 s after every empty pull, a fresh process per message): "
+                 f"{s['mean_round_seconds_stock_supernode']:.1f} s per round, {pm('round_time_ratio_stock_supernode')}.")
+        lines += ["", text]
     return "\n".join(lines)
 
 
@@ -279,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ratio_rounds:
             print(f"[scale] processes vs simulation: {EXPERIMENT}, 2 nodes, {args.ratio_rounds} rounds", flush=True)
             ratio = run_ratio(args.ratio_rounds, args.ratio_repeats, Path(tmp))
-            print(f"[scale]   ratio {ratio['ratio']:.2f} (Flower's own SuperNode: {ratio['ratio_stock_supernode']:.2f})",
-                  flush=True)
+            print(f"[scale]   ratio {ratio['ratio']:.2f} (capped waits only: {ratio['ratio_capped_waits']:.2f}; "
+                  f"as Flower starts them: {ratio['ratio_stock_supernode']:.2f})", flush=True)
     results = {
         "what": "seconds per round and peak memory of the simulation by federation size; real processes vs "
                 "the simulation",

@@ -17,7 +17,9 @@ What it does, in order (docs/deployment.md has the walk-through):
    mode; ``cache-dir``, in the node's home, is where its ClientApp processes keep the node's
    normalized partition between messages), and waits until all of them are online; with
    ``--supernode-poll SECONDS`` each runs through deploy/supernode.py, which caps Flower's 3 s
-   wait between a SuperNode's pulls at that many seconds;
+   wait between a SuperNode's pulls at that many seconds; with ``--warm-clientapps`` they run with
+   ``--isolation process`` and each gets a SuperExec (deploy/superexec.py) that forks its ClientApp
+   processes from one that has already imported torch and Flower;
 5. submits the experiment with ``flwr run . fedprune-local --stream`` and follows its log;
 6. reports the run's final status from ``flwr ls`` (``flwr run`` exits 0 even when the run failed)
    and where the results are;
@@ -67,6 +69,8 @@ STOP_GRACE_SECONDS = 10.0
 
 SUPERNODE_SCRIPT = Path(__file__).resolve().with_name("supernode.py")
 """``flower-supernode`` with shorter idle waits (``supernode_poll``, ``--supernode-poll``)."""
+SUPEREXEC_SCRIPT = Path(__file__).resolve().with_name("superexec.py")
+"""``flower-superexec`` whose ClientApp processes start warm (``warm_clientapps``, ``--warm-clientapps``)."""
 
 
 def say(text: str) -> None:
@@ -271,6 +275,9 @@ class LocalFederation:
     isolation: str = "subprocess"
     supernode_poll: float | None = None
     """Seconds a SuperNode waits at most between its pulls (deploy/supernode.py); ``None``: Flower's 3 s."""
+    warm_clientapps: bool = False
+    """Fork each node's ClientApp processes from one that has imported the libraries (deploy/superexec.py);
+    the SuperNodes then run with ``--isolation process`` and their SuperExecs are started here."""
     node_config_extra: dict[str, object] = field(default_factory=dict)
     echo: bool = True
     keep_workdir: bool = False
@@ -295,6 +302,8 @@ class LocalFederation:
             raise ValueError(f"num_partitions: got {self.num_partitions}; allowed: >= num_nodes ({self.num_nodes})")
         if self.isolation not in ("subprocess", "process"):
             raise ValueError(f"isolation: got {self.isolation!r}; allowed: subprocess, process")
+        if self.warm_clientapps:
+            self.isolation = "process"  # the SuperNode then leaves its SuperExec to us
         if self.supernode_poll is not None:
             check_poll(self.supernode_poll, "supernode_poll")
         if self.certs_dir is not None:
@@ -448,7 +457,10 @@ class LocalFederation:
         env = self._env(spec.home)
         proc = self._spawn(name, cmd, env, cwd=spec.home)
         if self.isolation == "process":
-            self._spawn(f"superexec-{name}", self._superexec_cmd(f"127.0.0.1:{spec.port}"), env, cwd=spec.home)
+            cmd = self._superexec_cmd(f"127.0.0.1:{spec.port}")
+            if self.warm_clientapps:
+                cmd[:1] = [sys.executable, str(SUPEREXEC_SCRIPT)]
+            self._spawn(f"superexec-{name}", cmd, env, cwd=spec.home)
         return proc
 
     def online_nodes(self) -> list[dict]:
@@ -654,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernode-poll", type=float, default=None, metavar="SECONDS",
                         help="cap Flower's idle waits of each SuperNode (3 s between empty pulls) at this many "
                              "seconds (deploy/supernode.py); default: Flower's")
+    parser.add_argument("--warm-clientapps", action="store_true",
+                        help="fork each node's ClientApp processes from one that has imported torch and Flower "
+                             "(deploy/superexec.py) instead of starting each afresh; implies --isolation process")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
@@ -680,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         data_root=None if args.data_root == "none" else args.data_root, dataset=experiment.dataset.name,
         dataset_root=experiment.dataset.root,
         num_threads=args.num_threads, isolation=args.isolation, supernode_poll=args.supernode_poll,
-        keep_workdir=args.keep_workdir)
+        warm_clientapps=args.warm_clientapps, keep_workdir=args.keep_workdir)
     try:
         with federation as fed:
             outcome = fed.run(run_config, timeout=args.timeout)

@@ -29,17 +29,30 @@ NO_CLIENT_EVALUATION = "sampling.fraction_evaluate=0"
 ONE_NODE_IS_ENOUGH = "sampling.min_train_nodes=1 sampling.min_evaluate_nodes=1 sampling.min_available_nodes=1"
 
 
+def processes_in(directory: Path) -> list[int]:
+    """Pids of the processes whose working directory is in ``directory`` (deleted or not)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "cwd").readlink().as_posix().startswith(directory.as_posix()):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
 def rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
 
 def test_launcher_runs_the_default_experiment(tmp_path):
     """`python -m deploy.launch`: 2 rounds of configs/fedavg.yaml over a SuperLink and 2 SuperNodes
-    (run by deploy/supernode.py with short idle waits; the other tests run Flower's own)."""
+    (run by deploy/supernode.py with short idle waits, their ClientApps forked by deploy/superexec.py;
+    the other tests run Flower's own)."""
     out_dir = tmp_path / "outputs"
     cmd = [sys.executable, "-m", "deploy.launch", "--nodes", "2", "--num-partitions", str(SMALL),
            "--num-server-rounds", "2", "--run-name", "deploy-test", "--output-dir", str(out_dir),
-           "--supernode-poll", "0.1"]
+           "--supernode-poll", "0.1", "--warm-clientapps"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
@@ -57,11 +70,14 @@ def test_launcher_runs_the_default_experiment(tmp_path):
     assert summary["rounds"] == 2 and summary["final_test_accuracy"] == records[2]["test_accuracy"]
     assert (run_dir / "final_model.pt").is_file()
 
-    # every process it started is gone, and its temporary work directory with them
+    # every process it started is gone (a SuperLink, 2 SuperNodes and a SuperExec for each), and what
+    # those started (the zygotes and the ClientApps they forked ran in the nodes' homes), and its
+    # temporary work directory with them
     pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", output)]
-    assert len(pids) == 3 and not any(alive(p, None) for p in pids)
+    assert len(pids) == 6 and not any(alive(p, None) for p in pids)
     workdir = Path(re.search(r"work directory (\S+)", output).group(1))
     assert not workdir.exists()
+    assert not processes_in(workdir)
 
 
 def test_secure_federation_refuses_an_unregistered_node(tmp_path):
