@@ -216,7 +216,9 @@ def summarize(runs: list[dict], ratio: dict | None) -> dict:
         out["round_time_ratio_from_round_2"] = ratio["ratio_from_round_2"]
         out["processes_within_1.5x_simulation"] = ratio["ratio"] <= RATIO_LIMIT
         out["supernode_poll_seconds"] = SUPERNODE_POLL
-        out["processes_warm_clientapps"] = PROCESS_VARIANTS["processes"].get("warm_clientapps", False)
+        out["same_final_accuracy"] = all(
+            len({p[kind]["final_test_accuracy"] for kind in ("simulation", *PROCESS_VARIANTS)}) == 1
+            for p in ratio["repeats"])
         out["mean_round_seconds_capped_waits"] = mean_round("capped_waits")
         out["round_time_ratio_capped_waits"] = ratio["ratio_capped_waits"]
         out["round_time_ratio_capped_waits_std"] = ratio["ratio_capped_waits_std"]
@@ -243,19 +245,18 @@ def table(results: dict) -> str:
             std = s.get(f"{key}_std")
             return f"{s[key]:.2f}x" + ("" if std is None else f" +- {std:.2f}")
 
-        warm = ", ClientApps forked from a warm zygote" if s.get("processes_warm_clientapps") else ""
-        text = (f"Real processes (2 SuperNodes, {EXPERIMENT}, idle waits capped at {s['supernode_poll_seconds']} s"
-                f"{warm}): {s['mean_round_seconds_processes']:.1f} s per round against "
+        text = (f"Real processes (2 SuperNodes, {EXPERIMENT}, idle waits capped at {s['supernode_poll_seconds']} s, "
+                f"ClientApps forked from a warm zygote): {s['mean_round_seconds_processes']:.1f} s per round against "
                 f"{s['mean_round_seconds_simulation']:.1f} s in the simulation, "
                 f"{pm('round_time_ratio_processes_to_simulation')} (mean +- std of {s['ratio_repeats']} alternated "
                 f"repeats); from round 2, training / federated evaluation / central evaluation "
                 f"{phases([p['processes'] for p in pairs])} s over processes, "
-                f"{phases([p['simulation'] for p in pairs])} s in the simulation.")
-        if "mean_round_seconds_capped_waits" in s:
-            text += (f" With the capped waits only (a fresh ClientApp process per message): "
-                     f"{s['mean_round_seconds_capped_waits']:.1f} s per round, {pm('round_time_ratio_capped_waits')}.")
-        text += (f" As Flower starts them (3 s after every empty pull, a fresh process per message): "
-                 f"{s['mean_round_seconds_stock_supernode']:.1f} s per round, {pm('round_time_ratio_stock_supernode')}.")
+                f"{phases([p['simulation'] for p in pairs])} s in the simulation. With the capped waits only (a "
+                f"fresh ClientApp process per message): {s['mean_round_seconds_capped_waits']:.1f} s per round, "
+                f"{pm('round_time_ratio_capped_waits')}. As Flower starts them (3 s after every empty pull, a fresh "
+                f"process per message): {s['mean_round_seconds_stock_supernode']:.1f} s per round, "
+                f"{pm('round_time_ratio_stock_supernode')}. Final accuracy equal in all four: "
+                f"{'yes' if s['same_final_accuracy'] else 'no'}.")
         lines += ["", text]
     return "\n".join(lines)
 
