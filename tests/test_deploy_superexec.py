@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +46,9 @@ def test_a_clientapp_command_goes_to_the_zygote_and_any_other_starts_as_usual():
     assert starter.DEVNULL is subprocess.DEVNULL  # the rest of `subprocess` is untouched
 
 
-def test_without_a_zygote_clientapps_start_as_flower_starts_them():
+def test_without_a_zygote_clientapps_start_as_flower_starts_them(monkeypatch):
+    # Flower's commands sit next to this Python (the launcher puts them on PATH the same way)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     zygote = FakeZygote()
     zygote.ended = True
     proc = starter_with(zygote).Popen(["flwr-clientapp", "--help"], stdout=subprocess.PIPE)
