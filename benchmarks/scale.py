@@ -68,6 +68,8 @@ PROCESS_VARIANTS = {"processes": {"supernode_poll": SUPERNODE_POLL, "warm_client
                     "capped_waits": {"supernode_poll": SUPERNODE_POLL},
                     "stock_supernode": {}}
 """How the real-process federations start their SuperNodes and ClientApps (``processes``: the summary's ratio)."""
+OTHER_VARIANTS = tuple(kind for kind in PROCESS_VARIANTS if kind != "processes")
+"""The variants the summary reports beside its own ratio."""
 
 
 def pss_bytes(pid: int) -> int:
@@ -180,11 +182,11 @@ def run_ratio(rounds: int, repeats: int, workdir: Path) -> dict:
         pair["ratio"] = real["mean_round_seconds"] / sim["mean_round_seconds"]
         pair["ratio_from_round_2"] = (real["mean_round_seconds_from_round_2"]
                                       / sim["mean_round_seconds_from_round_2"] if rounds > 1 else None)
-        for kind in PROCESS_VARIANTS.keys() - {"processes"}:
+        for kind in OTHER_VARIANTS:
             pair[f"ratio_{kind}"] = pair[kind]["mean_round_seconds"] / sim["mean_round_seconds"]
         pairs.append(pair)
     out: dict = {"repeats": pairs}
-    for key in ("ratio", "ratio_from_round_2", "ratio_capped_waits", "ratio_stock_supernode"):
+    for key in ("ratio", "ratio_from_round_2", *(f"ratio_{kind}" for kind in OTHER_VARIANTS)):
         values = [p[key] for p in pairs if p[key] is not None]
         out[key] = statistics.fmean(values) if values else None
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
@@ -219,12 +221,10 @@ def summarize(runs: list[dict], ratio: dict | None) -> dict:
         out["same_final_accuracy"] = all(
             len({p[kind]["final_test_accuracy"] for kind in ("simulation", *PROCESS_VARIANTS)}) == 1
             for p in ratio["repeats"])
-        out["mean_round_seconds_capped_waits"] = mean_round("capped_waits")
-        out["round_time_ratio_capped_waits"] = ratio["ratio_capped_waits"]
-        out["round_time_ratio_capped_waits_std"] = ratio["ratio_capped_waits_std"]
-        out["mean_round_seconds_stock_supernode"] = mean_round("stock_supernode")
-        out["round_time_ratio_stock_supernode"] = ratio["ratio_stock_supernode"]
-        out["round_time_ratio_stock_supernode_std"] = ratio["ratio_stock_supernode_std"]
+        for kind in OTHER_VARIANTS:
+            out[f"mean_round_seconds_{kind}"] = mean_round(kind)
+            out[f"round_time_ratio_{kind}"] = ratio[f"ratio_{kind}"]
+            out[f"round_time_ratio_{kind}_std"] = ratio[f"ratio_{kind}_std"]
     return out
 
 

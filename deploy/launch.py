@@ -457,10 +457,10 @@ class LocalFederation:
         env = self._env(spec.home)
         proc = self._spawn(name, cmd, env, cwd=spec.home)
         if self.isolation == "process":
-            cmd = self._superexec_cmd(f"127.0.0.1:{spec.port}")
+            superexec = self._superexec_cmd(f"127.0.0.1:{spec.port}")
             if self.warm_clientapps:
-                cmd[:1] = [sys.executable, str(SUPEREXEC_SCRIPT)]
-            self._spawn(f"superexec-{name}", cmd, env, cwd=spec.home)
+                superexec[:1] = [sys.executable, str(SUPEREXEC_SCRIPT)]
+            self._spawn(f"superexec-{name}", superexec, env, cwd=spec.home)
         return proc
 
     def online_nodes(self) -> list[dict]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from deploy import superexec
 from deploy.launch import SUPEREXEC_SCRIPT, LocalFederation
+from fedprune.simulate import flower_env
 
 
 class FakeZygote:
@@ -47,8 +46,7 @@ def test_a_clientapp_command_goes_to_the_zygote_and_any_other_starts_as_usual():
 
 
 def test_without_a_zygote_clientapps_start_as_flower_starts_them(monkeypatch):
-    # Flower's commands sit next to this Python (the launcher puts them on PATH the same way)
-    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    monkeypatch.setenv("PATH", flower_env()["PATH"])  # Flower's commands, as the launcher's processes find them
     zygote = FakeZygote()
     zygote.ended = True
     proc = starter_with(zygote).Popen(["flwr-clientapp", "--help"], stdout=subprocess.PIPE)
