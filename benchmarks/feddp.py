@@ -308,7 +308,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = sweep.parser(__doc__, "feddp", rounds=6, nodes=10)
+    parser = sweep.parser(__doc__, "feddp", rounds=15, nodes=10)
     parser.add_argument("--threshold-rounds", type=int, default=2, help="rounds of the ResNet-20 threshold runs")
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--test-size", type=int, default=2000)
