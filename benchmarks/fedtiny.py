@@ -6,9 +6,12 @@ Ray), two runs at a time:
 
 * dense FedAvg (the reference of every ratio, same partition and seed);
 * FedTiny (adaptive BatchNorm selection + progressive pruning) at densities 0.05 and 0.01;
-* at 0.01: FedTiny's static coarse mask (``fedtiny.adjust_rate: 0``), magnitude pruning (after
-  ``pruning.warmup_rounds`` dense rounds; global top-k as configs/magnitude.yaml, and uniform per
-  layer, FedTiny's own allocation) and SNIP (global);
+* at 0.01: FedTiny's static coarse mask (``fedtiny.adjust_rate: 0``); the authors' baselines under
+  FedTiny's constraint (``fedtiny.baseline``, their ``--baseline Mag`` / ``SNIP``: no client trains
+  the dense model, the server prunes its warmed-up model per layer by ``|w|`` or by SNIP on its own
+  images, static mask); and our baselines, which break that constraint: magnitude pruning after
+  ``pruning.warmup_rounds`` dense rounds on the clients (global top-k as configs/magnitude.yaml, and
+  uniform per layer) and SNIP (global, on the clients' data at initialisation);
 * the selection ablations at both densities, one round each (only the starting point matters):
   ``fedtiny.selection: no-recalibration`` (the candidate chosen and started with the warmed-up
   dense model's BatchNorm statistics) and ``random`` (a random candidate, with its recalibrated
@@ -71,6 +74,8 @@ def plan(rounds: int, nodes: int, common: str) -> list[dict]:
              dict(kind="magnitude-uniform", method="magnitude", density=ABLATION_DENSITY,
                   extra="pruning.allocation=uniform"),
              dict(kind="snip", method="snip", density=ABLATION_DENSITY)]
+    runs += [dict(kind=f"server-{b}", method="fedtiny", density=ABLATION_DENSITY,
+                  extra=f"fedtiny.baseline={b} fedtiny.adjust_rate=0") for b in ("magnitude", "snip")]
     runs += [dict(kind=f"select-{s}", method="fedtiny", density=d, extra=f"fedtiny.selection={s}", rounds=1)
              for d in DENSITIES for s in ("no-recalibration", "random")]
     specs = []
@@ -97,7 +102,7 @@ def row(spec: dict, seed: int, summary: dict, records: list[dict]) -> dict:
            "client_peak_memory": max(r.get("train_peak_memory", 0) for r in trained),
            "total_bytes": sum(r["bytes_down"] + r["bytes_up"] for r in records),
            "rejected_replies": sum(r["rejected_replies"] + r["failed_replies"] for r in records)}
-    if spec["method"] == "fedtiny":
+    if "fedtiny_candidate_losses" in records[0]:
         losses = records[0]["fedtiny_candidate_losses"]
         out.update(chosen_val_loss=losses[records[0]["fedtiny_chosen"]], mean_candidate_val_loss=float(np.mean(losses)),
                    topk_bytes=sum(r.get("bytes_up_topk_grads", 0) for r in records),
@@ -173,7 +178,10 @@ def pm(run: dict, key: str, fmt: str) -> str:
 
 
 LABELS = {"fedavg": "dense FedAvg", "fedtiny": "FedTiny", "static": "FedTiny, static coarse mask",
-          "magnitude": "magnitude (global)", "magnitude-uniform": "magnitude (uniform per layer)", "snip": "SNIP",
+          "magnitude": "magnitude (global, after dense client rounds)",
+          "magnitude-uniform": "magnitude (per layer, after dense client rounds)", "snip": "SNIP (global, clients' data)",
+          "server-magnitude": "magnitude (per layer, server warm-up: the authors' baseline)",
+          "server-snip": "SNIP (per layer, server images: the authors' baseline)",
           "select-no-recalibration": "selection without recalibration",
           "select-random": "random candidate"}
 

@@ -208,6 +208,13 @@ class FedTinyConfig:
     density_noise: float = _opt(0.5, lo=0.0, hi=0.99)
     """A candidate's density of layer l is d * (1 + U(-noise, noise)), redrawn until the global
     density is within 2% of pruning.density."""
+    baseline: str = _opt("none", choices=("none", "magnitude", "snip"))
+    """none: FedTiny's candidate pool and selection. magnitude / snip: the authors' baselines under
+    the same constraint (their ``--baseline Mag`` / ``SNIP``): no client trains the dense model; the
+    server prunes its warmed-up model itself, per layer at pruning.density (their ``scope="local"``),
+    by ``|w|`` or by SNIP ``|g * w|`` on its held-out images (one shot), with no pool, no selection
+    phases and the warmed-up BatchNorm statistics; the mask then trains as FedTiny's (adjust_rate 0
+    keeps it static, as theirs)."""
     selection: str = _opt("abns", choices=("abns", "no-recalibration", "random"))
     """abns: clients recalibrate each candidate's BatchNorm statistics, the server averages them and
     keeps the candidate of lowest federated validation loss; no-recalibration: the same choice
@@ -491,6 +498,9 @@ def _check_across_keys(experiment: Experiment) -> None:
         if experiment.partition.val_fraction == 0:
             raise ExperimentError("partition.val_fraction: got 0.0 with method fedtiny; allowed: > 0 (clients "
                                   "recalibrate and evaluate the candidates on their validation split)")
+        if t.baseline != "none" and t.selection != "abns":
+            raise ExperimentError(f"fedtiny.selection: got {t.selection!r} with fedtiny.baseline {t.baseline!r}; "
+                                  "allowed: 'abns' (a baseline has no candidates to select from)")
         if t.adjust_rate > 0 and t.granularity != "layer" and t.delta > min(t.t_end, experiment.num_server_rounds):
             raise ExperimentError(f"fedtiny.delta: got {t.delta} with t_end {t.t_end} and num_server_rounds "
                                   f"{experiment.num_server_rounds}; allowed: <= both (else the mask never adjusts; "

@@ -18,6 +18,8 @@ Before round 1 (:meth:`FedTiny.prepare`; its traffic is round 0's):
    aggregated statistics. ``fedtiny.selection: no-recalibration`` skips phase 3 and evaluates the
    candidates with the warmed-up model's statistics (the paper's ablation); ``random`` keeps a
    candidate drawn from the run seed.
+   ``fedtiny.baseline: magnitude`` or ``snip`` replaces steps 2-4 by the authors' baselines: the
+   server prunes the warmed-up model per layer by ``|w|`` or by SNIP on its own images.
 5. Memory budget: the server measures a client's training step under the chosen mask (the sparse
    training state of pruning/sparse_training.py, one batch of ``client.batch_size``) and stops the
    run with the figures when it exceeds ``fedtiny.memory_budget``.
@@ -62,6 +64,8 @@ from fedprune.training import train
 from pruning.candidates import candidate_masks
 from pruning.prune_grow import adjust_counts, layers_to_adjust, mean_sparse, prune_and_grow
 from pruning.schedules import cosine_decay
+from pruning.scores import snip_scores
+from pruning.selection import layerwise_topk
 from pruning.sparse_training import sparsify
 from strategies.baselines import PruningStrategy
 from strategies.base import RunFailed
@@ -91,6 +95,10 @@ class FedTiny(PruningStrategy):
     def prepare(self, grid: Grid) -> None:
         p, n = self.experiment.pruning, self.cfg.num_candidates
         self.warm_up()
+        if self.cfg.baseline != "none":
+            self.install(self.server_pruned())
+            self.check_budget()
+            return
         pool = [{k: v.numpy() for k, v in m.items()} for m in candidate_masks(
             self.magnitudes(), p.density, n, numpy_rng(self.seed, "fedtiny-candidates"), self.cfg.density_noise)]
         nodes = self.sample(grid, 0, self.fraction_train, self.min_train_nodes, "sample-fedtiny")
@@ -115,6 +123,16 @@ class FedTiny(PruningStrategy):
         train(model, x, y, dataclasses.replace(self.experiment.client, local_epochs=self.cfg.warmup_epochs),
               torch_generator(self.seed, "fedtiny-warmup"))
         self.global_arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+    def server_pruned(self) -> dict[str, np.ndarray]:
+        """fedtiny.baseline: the warmed-up model pruned per layer by ``|w|`` or by SNIP on the
+        server's images."""
+        if self.cfg.baseline == "magnitude":
+            scores = self.magnitudes()
+        else:
+            x, y = fedtiny.server_shots(self.experiment.dataset, self.experiment.partition, self.cfg.server_shots)
+            scores = snip_scores(self.global_model().eval(), torch.nn.functional.cross_entropy, [(x, y)], self.names)
+        return {k: m.numpy() for k, m in layerwise_topk(scores, self.experiment.pruning.density).items()}
 
     def val_bound(self, msg: Message) -> int:
         """num-examples of a phase on validation data: 1 .. the node's validation split."""

@@ -18,6 +18,7 @@ from fedprune.partition import client_indices
 from fedprune.seeding import numpy_rng
 from fedprune.task import new_model
 from pruning.prune_grow import mean_sparse
+from pruning.selection import keep_count, layerwise_topk
 from strategies import RunFailed, build_strategy
 from strategies.fedtiny import FedTiny
 from tests.test_resume import whole_and_resumed
@@ -177,6 +178,25 @@ def test_the_selection_ablations(tiny_mnist, selection):
     assert "query.topk_grads" not in kinds and records[1]["mask_changed"] == 0  # adjust_rate 0: static mask
 
 
+@pytest.mark.parametrize("baseline", ["magnitude", "snip"])
+def test_the_authors_baselines_prune_the_warmed_up_model_per_layer_on_the_server(tiny_mnist, baseline):
+    rc = config(tiny_mnist, f"fedtiny.baseline={baseline} fedtiny.adjust_rate=0")
+    strategy, records, _, grid = run(rc)
+    kinds = [m.metadata.message_type for m, _ in grid.replies]
+    assert "query.bn_stats" not in kinds and "query.candidate_loss" not in kinds and "train" in kinds
+    assert all(int(m.sum()) == keep_count(0.1, m.size) for m in strategy.masks.values())  # uniform per layer
+    exp = experiment_from_run_config(rc)
+    warmed = FedTiny(exp)
+    warmed.global_arrays = {k: v.numpy() for k, v in new_model(exp).state_dict().items()}  # as run() starts
+    warmed.warm_up()
+    magnitude = {k: m.numpy() for k, m in layerwise_topk(warmed.magnitudes(), 0.1).items()}
+    same = all(np.array_equal(strategy.masks[k], magnitude[k]) for k in magnitude)
+    assert same == (baseline == "magnitude")
+    if baseline == "snip":
+        assert all(np.array_equal(strategy.masks[k], m) for k, m in warmed.server_pruned().items())
+    assert "fedtiny_candidate_losses" not in records[0] and records[1]["mask_changed"] == 0
+
+
 def test_bad_batchnorm_statistics_are_rejected_and_the_rest_averaged(tiny_mnist):
     def forge(grid, partition, msg, reply):
         key = fedtiny.BN.format(0)
@@ -261,7 +281,8 @@ def test_a_client_refuses_to_train_over_the_budget(tiny_mnist, monkeypatch):
 
 def test_the_configuration_rules(tiny_mnist):
     for extra, key in [("model.name=cnn", "model.name"), ("partition.val_fraction=0", "partition.val_fraction"),
-                       ("fedtiny.delta=4", "fedtiny.delta"), ("fedtiny.memory_budget=0", "fedtiny.memory_budget")]:
+                       ("fedtiny.delta=4", "fedtiny.delta"), ("fedtiny.memory_budget=0", "fedtiny.memory_budget"),
+                       ("fedtiny.baseline=snip fedtiny.selection=random", "fedtiny.selection")]:
         with pytest.raises(ExperimentError, match=key):
             experiment_from_run_config(config(tiny_mnist, extra))
     exp = experiment_from_run_config(config(tiny_mnist, "fedtiny.delta=4 fedtiny.adjust_rate=0"))
