@@ -220,7 +220,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = sweep.parser(__doc__, "fedtiny", rounds=8, nodes=10)
+    p = sweep.parser(__doc__, "fedtiny", rounds=20, nodes=10)
     p.add_argument("--train-size", type=int, default=12000, help="Fashion-MNIST training images (default 12000)")
     p.add_argument("--test-size", type=int, default=2000, help="Fashion-MNIST test images (default 2000)")
     args = sweep.parse(p, argv)
