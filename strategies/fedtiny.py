@@ -93,12 +93,12 @@ class FedTiny(PruningStrategy):
     # ------------------------------------------------------------------ before round 1
 
     def prepare(self, grid: Grid) -> None:
-        p, n = self.experiment.pruning, self.cfg.num_candidates
         self.warm_up()
         if self.cfg.baseline != "none":
             self.install(self.server_pruned())
             self.check_budget()
             return
+        p, n = self.experiment.pruning, self.cfg.num_candidates
         pool = [{k: v.numpy() for k, v in m.items()} for m in candidate_masks(
             self.magnitudes(), p.density, n, numpy_rng(self.seed, "fedtiny-candidates"), self.cfg.density_noise)]
         nodes = self.sample(grid, 0, self.fraction_train, self.min_train_nodes, "sample-fedtiny")
