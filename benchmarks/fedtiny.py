@@ -179,7 +179,8 @@ def pm(run: dict, key: str, fmt: str) -> str:
 
 LABELS = {"fedavg": "dense FedAvg", "fedtiny": "FedTiny", "static": "FedTiny, static coarse mask",
           "magnitude": "magnitude (global, after dense client rounds)",
-          "magnitude-uniform": "magnitude (per layer, after dense client rounds)", "snip": "SNIP (global, clients' data)",
+          "magnitude-uniform": "magnitude (per layer, after dense client rounds)",
+          "snip": "SNIP (global, clients' data)",
           "server-magnitude": "magnitude (per layer, server warm-up: the authors' baseline)",
           "server-snip": "SNIP (per layer, server images: the authors' baseline)",
           "select-no-recalibration": "selection without recalibration",

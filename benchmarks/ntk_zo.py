@@ -457,12 +457,14 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quick else "tiny MNIST-format files")
     results["setting"].update(
         k=args.k, local_steps=args.local_steps, batch_size=args.batch_size, chunk=args.chunk, density=args.density,
-        lr_dense=args.lr_dense, lr_masked=args.lr_masked, lr_schedule=args.lr_schedule, clip=args.clip, fraction_train=args.fraction,
+        lr_dense=args.lr_dense, lr_masked=args.lr_masked, lr_schedule=args.lr_schedule, clip=args.clip,
+        fraction_train=args.fraction,
         fedavg_rounds=args.fedavg_rounds, mask_seeds=args.mask_seeds, description=(
             f"{data}, {args.nodes} clients (10% of each held out), Dirichlet 0.5 and 0.1, "
             f"{max(1, int(args.nodes * args.fraction))} sampled per round; ZO: {args.rounds} rounds of "
             f"{args.local_steps} step(s), K={args.k} forward differences, sigma 1e-3, scalars clipped to "
-            f"+-{args.clip:g}, batch {args.batch_size} in micro-batches of {args.chunk}, {schedule_text} lr {args.lr_dense} "
+            f"+-{args.clip:g}, batch {args.batch_size} in micro-batches of {args.chunk}, {schedule_text} "
+            f"lr {args.lr_dense} "
             f"(dense) / {args.lr_masked} (masked, density {args.density}, data-free federated NTK-SAP mask, 5 "
             f"scoring rounds, steps on the kept weights only); backprop FedAvg: {args.fedavg_rounds} rounds of 1 local epoch, SGD lr 0.05 momentum "
             f"0.9; small CNN; seeds {', '.join(map(str, args.seeds))}; in-process federation, {args.workers} runs at "
